@@ -1,0 +1,64 @@
+# Development entry points. `make test` and `make demo` work on a fresh machine:
+# they run `make setup` first, which installs what is missing.
+
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-done
+COLLECTION_LINK := .collections/ansible_collections/thinair/ovirt
+SYSTEM_PACKAGES := qemu-utils qemu-system-x86 nbdkit gcc libxml2-dev libcurl4-openssl-dev libssl-dev openssl
+PYTEST := $(PY) -m pytest -p no:cacheprovider
+
+.PHONY: setup system-packages test lint sanity unit integration demo bench clean
+
+setup: $(STAMP) $(COLLECTION_LINK)
+
+system-packages:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  if [ "$$(id -u)" != 0 ]; then echo "run as root or install:$$missing" >&2; exit 1; fi; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+$(STAMP): tests/requirements.txt | system-packages
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q -U pip wheel setuptools
+	$(VENV)/bin/pip install -q -r tests/requirements.txt
+	touch $@
+
+$(COLLECTION_LINK):
+	mkdir -p $(dir $@)
+	ln -sfn ../../.. $@
+
+test: setup lint sanity unit integration
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/ansible-lint
+
+# ansible-test resolves the real path of the collection, so it runs on a copy
+# of the tracked files placed under ansible_collections/thinair/ovirt.
+sanity: setup
+	rm -rf .cache/sanity && mkdir -p .cache/sanity/ansible_collections/thinair/ovirt
+	git ls-files -z --cached --others --exclude-standard | \
+	  xargs -0 -I{} cp --parents {} .cache/sanity/ansible_collections/thinair/ovirt/
+	cd .cache/sanity/ansible_collections/thinair/ovirt && \
+	  $(CURDIR)/$(VENV)/bin/ansible-test sanity --venv --python 3.11 --color no
+
+unit: setup
+	$(PYTEST) tests/unit
+
+integration: setup
+	$(PYTEST) tests/integration
+
+demo: setup
+	$(VENV)/bin/ansible-playbook playbooks/demo.yml
+
+bench: setup
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) .collections .cache
