@@ -1,0 +1,334 @@
+# Copyright: thinair.ovirt contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+"""Extent-aware parallel copy between two endpoints.
+
+An endpoint is anything with a size, extents and random access I/O: an image
+served by qemu-nbd, an NBD export elsewhere, or (with the upload work) an
+imageio ticket. The copy reads the source extent map in bounded steps, so an
+8 TiB image never has its whole map in memory, and hands out work items to N
+workers. Each worker owns its own pair of connections (``clone()``), so no
+connection is ever shared between threads.
+
+Zero extents are skipped when the destination is known to read as zeros (a
+new disk or image) and zeroed otherwise; data extents are split into requests
+of at most ``request_size`` bytes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import namedtuple
+
+from ansible_collections.thinair.ovirt.plugins.module_utils import _nbd
+
+MiB = 1024**2
+GiB = 1024**3
+
+# How much of the source map one block status request asks for. Bounded so
+# that a fragmented 8 TiB image never has more than one step of extents in
+# memory.
+EXTENTS_STEP = 2 * GiB
+
+# Large zero requests make the server busy for a long time; smaller ones let
+# progress and cancellation be seen.
+MAX_ZERO = GiB
+
+DEFAULT_REQUEST_SIZE = 8 * MiB
+DEFAULT_WORKERS = 4
+
+# Flags of the NBD "base:allocation" context (NBD proto.md, "base:allocation
+# metadata context").
+NBD_STATE_HOLE = 1
+NBD_STATE_ZERO = 2
+
+BASE_ALLOCATION = "base:allocation"
+ALLOCATION_DEPTH = "qemu:allocation-depth"
+
+
+class Extent(namedtuple("Extent", "start length zero hole")):
+    """A range of an image.
+
+    zero: the range reads as zeros.
+    hole: the range is not allocated in the image (or its whole chain), so
+        a format that supports it may leave it unallocated.
+    """
+
+    __slots__ = ()
+
+    @property
+    def end(self):
+        return self.start + self.length
+
+
+class CopyError(Exception):
+    """The copy could not be done; the message says why."""
+
+
+class Stats:
+    """What a copy did, updated while it runs."""
+
+    def __init__(self, size):
+        self.size = size
+        self.done = 0
+        self.data_bytes = 0
+        self.zero_bytes = 0
+        self.start = time.monotonic()
+        self.seconds = 0.0
+        self.connections = 0
+        self._lock = threading.Lock()
+
+    def add(self, length, zero):
+        with self._lock:
+            self.done += length
+            if zero:
+                self.zero_bytes += length
+            else:
+                self.data_bytes += length
+
+    def as_dict(self):
+        seconds = self.seconds or (time.monotonic() - self.start)
+        return {
+            "bytes": self.size,
+            "data_bytes": self.data_bytes,
+            "zero_bytes": self.zero_bytes,
+            "seconds": round(seconds, 3),
+            "rate": int(self.done / seconds) if seconds > 0 else 0,
+            "connections": self.connections,
+        }
+
+
+class NbdEndpoint:
+    """An NBD export as a copy endpoint.
+
+    ``allocation_depth`` asks qemu-nbd for "qemu:allocation-depth" so holes
+    in a qcow2 chain are told apart from allocated zeros. ``is_zero`` says the
+    export is known to read as zeros (a new image), so a copy into it may skip
+    zero extents.
+    """
+
+    def __init__(self, url, tls_certs=None, allocation_depth=False, is_zero=False):
+        self.url = url
+        self.tls_certs = tls_certs
+        self.allocation_depth = allocation_depth
+        self.is_zero = is_zero
+        contexts = [BASE_ALLOCATION]
+        if allocation_depth:
+            contexts.append(ALLOCATION_DEPTH)
+        self._client = _nbd.Client(url, tls_certs=tls_certs, meta_contexts=tuple(contexts))
+        self.size = self._client.export_size
+
+    @property
+    def max_connections(self):
+        # Without multi-conn, writes on one connection may not be visible to
+        # a flush on another; keep to a single connection then.
+        if self._client.can_multi_conn or self._client.is_read_only:
+            return 8
+        return 1
+
+    @property
+    def max_request(self):
+        return self._client.maximum_block_size
+
+    def clone(self):
+        return NbdEndpoint(
+            self.url,
+            tls_certs=self.tls_certs,
+            allocation_depth=self.allocation_depth,
+            is_zero=self.is_zero,
+        )
+
+    def extents(self, offset=0, length=None):
+        """Yield Extent covering [offset, offset + length), merged and in order."""
+        end = self.size if length is None else offset + length
+        client = self._client
+        pending = None
+        while offset < end:
+            step = min(end - offset, EXTENTS_STEP)
+            if BASE_ALLOCATION not in client.contexts:
+                # A server without block status: everything is data.
+                replies = {BASE_ALLOCATION: [(step, 0)]}
+            else:
+                replies = client.extents(offset, step)
+            for length_, zero, hole in _merge_contexts(replies, ALLOCATION_DEPTH in replies):
+                # The last extent of a reply may run past what was asked.
+                length_ = min(length_, end - offset)
+                if pending is not None and pending.zero == zero and pending.hole == hole:
+                    pending = Extent(pending.start, pending.length + length_, zero, hole)
+                else:
+                    if pending is not None:
+                        yield pending
+                    pending = Extent(offset, length_, zero, hole)
+                offset += length_
+                if offset >= end:
+                    break
+        if pending is not None:
+            yield pending
+
+    def readinto(self, offset, buf):
+        self._client.readinto(offset, buf)
+
+    def write(self, offset, buf):
+        self._client.write(offset, buf)
+
+    def zero(self, offset, length):
+        self._client.zero(offset, length)
+
+    def flush(self):
+        if self._client.can_flush:
+            self._client.flush()
+
+    def close(self):
+        self._client.close()
+
+
+def _merge_contexts(replies, with_depth):
+    """Yield (length, zero, hole) from base:allocation and allocation depth.
+
+    The two contexts describe the same range with different boundaries; the
+    merged extents break wherever either one does:
+
+        base:allocation   |data------|zero---------------|
+        allocation-depth  |1----|0---------|1------------|
+        merged            |d,1--|d,0-|z,0--|z,1----------|
+
+    A range is a hole when its allocation depth is 0 (unallocated in the
+    whole chain). Without allocation depth, qemu's NBD_STATE_HOLE is used.
+    """
+    base = replies[BASE_ALLOCATION]
+    if not with_depth:
+        for length, flags in base:
+            yield length, bool(flags & NBD_STATE_ZERO), bool(flags & NBD_STATE_HOLE)
+        return
+    depth = replies[ALLOCATION_DEPTH]
+    i = j = 0
+    base_left = base[0][0] if base else 0
+    depth_left = depth[0][0] if depth else 0
+    while i < len(base) and j < len(depth):
+        length = min(base_left, depth_left)
+        yield length, bool(base[i][1] & NBD_STATE_ZERO), depth[j][1] == 0
+        base_left -= length
+        depth_left -= length
+        if base_left == 0:
+            i += 1
+            if i < len(base):
+                base_left = base[i][0]
+        if depth_left == 0:
+            j += 1
+            if j < len(depth):
+                depth_left = depth[j][0]
+
+
+def copy(
+    src,
+    dst,
+    workers=DEFAULT_WORKERS,
+    request_size=DEFAULT_REQUEST_SIZE,
+    progress=None,
+    zero_destination=None,
+):
+    """Copy every byte of src to dst; return Stats.
+
+    src, dst: endpoints (NbdEndpoint or any object of the same shape). They
+        stay owned by the caller; the copy opens and closes its own clones.
+    workers: connections per side, bounded by what both endpoints allow.
+    progress: called with the Stats object after each request.
+    zero_destination: whether zero extents must be written; by default only
+        when the destination is not known to read as zeros.
+    """
+    if dst.size < src.size:
+        raise CopyError(
+            f"the image needs {src.size} bytes but the destination holds only {dst.size} bytes"
+        )
+    if zero_destination is None:
+        zero_destination = not dst.is_zero
+    request_size = min(request_size, src.max_request, dst.max_request)
+    workers = max(1, min(workers, src.max_connections, dst.max_connections))
+
+    stats = Stats(src.size)
+    stats.connections = workers
+    # The caller's source connection reads the extent map; every worker reads
+    # data on a connection of its own.
+    items = _WorkItems(src.extents(), request_size)
+    failed = threading.Event()
+    errors = []
+
+    def run(worker_src, worker_dst):
+        try:
+            _work(worker_src, worker_dst, items, zero_destination, stats, progress, failed)
+            worker_dst.flush()
+        except BaseException as e:  # re-raised in the caller's thread
+            errors.append(e)
+            failed.set()
+
+    pairs = []
+    threads = []
+    try:
+        for i in range(workers):
+            pairs.append((src.clone(), dst if i == 0 else dst.clone()))
+        for worker_src, worker_dst in pairs[1:]:
+            t = threading.Thread(target=run, args=(worker_src, worker_dst), daemon=True)
+            t.start()
+            threads.append(t)
+        run(*pairs[0])
+    except BaseException:
+        failed.set()
+        raise
+    finally:
+        for t in threads:
+            t.join()
+        for i, (worker_src, worker_dst) in enumerate(pairs):
+            worker_src.close()
+            if i > 0:
+                worker_dst.close()
+    if errors:
+        raise errors[0]
+    stats.seconds = time.monotonic() - stats.start
+    return stats
+
+
+class _WorkItems:
+    """Hands out (offset, length, zero) requests from a lazy extent stream.
+
+    Shared by the workers; the lock keeps one reader of the extent iterator
+    at a time, so only one step of the map is ever in memory.
+    """
+
+    def __init__(self, extents, request_size):
+        self._extents = extents
+        self.request_size = request_size
+        self._lock = threading.Lock()
+        self._current = None
+
+    def next(self):
+        with self._lock:
+            while self._current is None or self._current.length == 0:
+                self._current = next(self._extents, None)
+                if self._current is None:
+                    return None
+            ext = self._current
+            limit = MAX_ZERO if ext.zero else self.request_size
+            length = min(ext.length, limit)
+            self._current = Extent(ext.start + length, ext.length - length, ext.zero, ext.hole)
+            return ext.start, length, ext.zero
+
+
+def _work(src, dst, items, zero_destination, stats, progress, failed):
+    buf = bytearray(items.request_size)
+    view = memoryview(buf)
+    while not failed.is_set():
+        item = items.next()
+        if item is None:
+            return
+        offset, length, zero = item
+        if zero:
+            if zero_destination:
+                dst.zero(offset, length)
+        else:
+            chunk = view[:length]
+            src.readinto(offset, chunk)
+            dst.write(offset, chunk)
+        stats.add(length, zero)
+        if progress is not None:
+            progress(stats)

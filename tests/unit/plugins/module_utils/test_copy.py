@@ -1,0 +1,191 @@
+# Copyright: thinair.ovirt contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import threading
+
+import pytest
+
+from ansible_collections.thinair.ovirt.plugins.module_utils import _copy, _nbd, _qemu
+from tests.helpers import qemu_io, running
+
+MiB = 1024**2
+GiB = 1024**3
+TiB = 1024**4
+
+
+def compare(a, b):
+    subprocess.run(["qemu-img", "compare", "-q", a, b], check=True)
+
+
+@pytest.fixture
+def qcow2_image(tmp_path):
+    """A qcow2 with data, allocated zeros and holes, size not a multiple of 1 MiB."""
+    path = str(tmp_path / "src.qcow2")
+    _qemu.create(path, "qcow2", 20 * MiB + 4096)
+    qemu_io(
+        path,
+        "qcow2",
+        "write -P 0x55 0 1M",
+        "write -P 0xaa 3M 64k",
+        "write -z 5M 2M",
+        "write -P 0x01 12M 5M",
+        "write -P 0x7f 20M 4k",
+    )
+    return path
+
+
+def copy_image(src_image, dst_image, dst_fmt="qcow2", is_zero=True, **kwargs):
+    src_fmt = _qemu.info(src_image)["format"]
+    with (
+        _qemu.serve(src_image, fmt=src_fmt, readonly=True) as src_export,
+        _qemu.serve(dst_image, fmt=dst_fmt, readonly=False) as dst_export,
+    ):
+        src = _copy.NbdEndpoint(src_export.url, allocation_depth=src_fmt != "raw")
+        dst = _copy.NbdEndpoint(dst_export.url, is_zero=is_zero)
+        try:
+            return _copy.copy(src, dst, **kwargs)
+        finally:
+            src.close()
+            dst.close()
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+@pytest.mark.parametrize("src_fmt", ["raw", "qcow2", "compressed"])
+def test_copy_to_new_qcow2(tmp_path, qcow2_image, src_fmt, workers):
+    src = str(tmp_path / f"src.{src_fmt}")
+    if src_fmt == "raw":
+        subprocess.run(["qemu-img", "convert", "-O", "raw", qcow2_image, src], check=True)
+    elif src_fmt == "compressed":
+        subprocess.run(["qemu-img", "convert", "-c", "-O", "qcow2", qcow2_image, src], check=True)
+    else:
+        src = qcow2_image
+    dst = str(tmp_path / "dst.qcow2")
+    _qemu.create(dst, "qcow2", _qemu.info(src)["virtual-size"])
+
+    stats = copy_image(src, dst, workers=workers, request_size=1 * MiB)
+
+    compare(src, dst)
+    assert stats.done == stats.size == 20 * MiB + 4096
+    # 1M + 64k + 5M + 4k of data; the rest (holes and allocated zeros) skipped.
+    assert stats.data_bytes == 6 * MiB + 64 * 1024 + 4096
+    assert stats.zero_bytes == stats.size - stats.data_bytes
+    assert stats.connections == workers
+
+
+def test_copy_over_existing_data_zeroes_holes(tmp_path, qcow2_image):
+    dst = str(tmp_path / "dst.raw")
+    with open(dst, "wb") as f:
+        f.write(b"\xff" * (21 * MiB))
+
+    copy_image(qcow2_image, dst, dst_fmt="raw", is_zero=False)
+
+    with open(dst, "rb") as f:
+        data = f.read()
+    # Everything the source holds, then the destination's tail untouched.
+    subprocess.run(
+        ["qemu-img", "convert", "-O", "raw", qcow2_image, str(tmp_path / "expected.raw")],
+        check=True,
+    )
+    expected = (tmp_path / "expected.raw").read_bytes()
+    assert data[: len(expected)] == expected
+    assert data[len(expected) :] == b"\xff" * (21 * MiB - len(expected))
+
+
+def test_copy_keeps_backing_chain_data(tmp_path, qcow2_image):
+    top = str(tmp_path / "top.qcow2")
+    _qemu.create(top, "qcow2", 20 * MiB + 4096, backing=qcow2_image, backing_fmt="qcow2")
+    qemu_io(top, "qcow2", "write -P 0x33 512k 1M", "write -z 12M 1M")
+    dst = str(tmp_path / "dst.qcow2")
+    _qemu.create(dst, "qcow2", 20 * MiB + 4096)
+
+    copy_image(top, dst)
+
+    compare(top, dst)
+
+
+def test_copy_from_nbdkit_sparse_random(tmp_path):
+    sock = str(tmp_path / "nbdkit.sock")
+    url = f"nbd+unix:///?socket={sock}"
+    cmd = ["nbdkit", "-f", "-U", sock, "--exit-with-parent", "sparse-random", "size=64M",
+           "percent=20", "runlength=262144", "seed=7"]  # fmt: skip
+    dst_image = str(tmp_path / "dst.qcow2")
+    _qemu.create(dst_image, "qcow2", 64 * MiB)
+    with running(cmd, sock):
+        with _qemu.serve(dst_image, fmt="qcow2", readonly=False) as export:
+            src = _copy.NbdEndpoint(url)
+            dst = _copy.NbdEndpoint(export.url, is_zero=True)
+            try:
+                stats = _copy.copy(src, dst, workers=4, request_size=256 * 1024)
+            finally:
+                src.close()
+                dst.close()
+        subprocess.run(
+            ["qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", url, dst_image], check=True
+        )
+    assert 0 < stats.data_bytes < stats.size
+
+
+def test_source_read_error_stops_every_worker(tmp_path):
+    sock = str(tmp_path / "nbdkit.sock")
+    cmd = ["nbdkit", "-f", "-U", sock, "--exit-with-parent", "--filter=error", "pattern",
+           "size=32M", "error-pread=EIO", "error-pread-rate=1"]  # fmt: skip
+    dst_image = str(tmp_path / "dst.qcow2")
+    _qemu.create(dst_image, "qcow2", 32 * MiB)
+    threads_before = threading.active_count()
+    with running(cmd, sock), _qemu.serve(dst_image, fmt="qcow2", readonly=False) as export:
+        src = _copy.NbdEndpoint(f"nbd+unix:///?socket={sock}")
+        dst = _copy.NbdEndpoint(export.url, is_zero=True)
+        try:
+            with pytest.raises(_nbd.RequestError):
+                _copy.copy(src, dst, workers=4, request_size=1 * MiB)
+        finally:
+            src.close()
+            dst.close()
+    assert threading.active_count() == threads_before
+
+
+def test_destination_too_small(tmp_path, qcow2_image):
+    dst = str(tmp_path / "small.qcow2")
+    _qemu.create(dst, "qcow2", 10 * MiB)
+    with pytest.raises(_copy.CopyError, match=r"needs 20975616 bytes .* holds only 10485760"):
+        copy_image(qcow2_image, dst)
+
+
+def test_empty_8t_image_is_skipped(tmp_path):
+    src = str(tmp_path / "empty.qcow2")
+    dst = str(tmp_path / "dst.qcow2")
+    _qemu.create(src, "qcow2", 8 * TiB)
+    _qemu.create(dst, "qcow2", 8 * TiB)
+    progress = []
+
+    stats = copy_image(src, dst, progress=lambda s: progress.append(s.done))
+
+    assert stats.data_bytes == 0
+    assert stats.zero_bytes == 8 * TiB
+    assert progress == sorted(progress)
+    assert progress[-1] == 8 * TiB
+    assert os.path.getsize(dst) < 2 * MiB
+
+
+def test_extents_are_merged_and_cover_the_image(qcow2_image):
+    with _qemu.serve(qcow2_image, fmt="qcow2") as export:
+        endpoint = _copy.NbdEndpoint(export.url, allocation_depth=True)
+        try:
+            extents = list(endpoint.extents())
+        finally:
+            endpoint.close()
+    assert extents[0].start == 0
+    assert sum(e.length for e in extents) == 20 * MiB + 4096
+    for a, b in itertools.pairwise(extents):
+        assert a.end == b.start
+        assert (a.zero, a.hole) != (b.zero, b.hole)
+    # The allocated zeros at 5M are zero but not a hole; unwritten ranges are holes.
+    at_5m = next(e for e in extents if e.start <= 5 * MiB < e.end)
+    assert at_5m.zero and not at_5m.hole
+    at_8m = next(e for e in extents if e.start <= 8 * MiB < e.end)
+    assert at_8m.zero and at_8m.hole
