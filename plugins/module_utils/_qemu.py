@@ -1,0 +1,1060 @@
+# Copyright: thinair.ovirt contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+"""qemu-img and qemu-nbd: inspect, measure, check, create and serve images.
+
+Every image qemu reads is welcome: raw, qcow2 (compressed too), vmdk, vhdx,
+vdi, qed, and NBD URLs (``nbd://``, ``nbds://``, ``nbd+unix://``,
+``nbds+unix://`` and qemu's legacy ``nbd:HOST:PORT`` / ``nbd:unix:PATH``).
+
+qemu reads any file without a known header as raw, so a text file is a raw
+image of its own size here too: ``info()`` says ``raw`` and ``serve()``
+exposes its bytes. Only a missing file, a directory or an image qemu cannot
+open is an error.
+
+Two ways to serve an image with qemu-nbd:
+
+- ``serve()``: a context manager for work inside one process. qemu-nbd listens
+  on a unix socket in a private 0700 directory and is always stopped, and the
+  directory removed, when the block ends.
+- ``export_command()`` + ``start()``: a long-lived export that outlives the
+  caller (the ``nbd_export`` module). No state files: ``find_exports()`` reads
+  the command lines of the running qemu-nbd processes, and the socket path or
+  address and port identify an export.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+import json
+import os
+import re
+import shutil
+import signal
+import socket as socketlib
+import stat
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager, suppress
+
+from ansible_collections.thinair.ovirt.plugins.module_utils import _nbd
+
+QEMU_IMG = "qemu-img"
+QEMU_NBD = "qemu-nbd"
+
+# ISO 9660 primary volume descriptor: type 1, "CD001", version 1, then an
+# unused byte, at the start of sector 16 (ISO 9660 8.4, ECMA-119).
+ISO_DESCRIPTOR_OFFSET = 0x8000
+ISO_PRIMARY_DESCRIPTOR = b"\x01CD001\x01\x00"
+
+# qemu-img check exit codes (qemu-img(1), "check").
+CHECK_OK = 0
+CHECK_CORRUPT = 2
+CHECK_LEAKS = 3
+CHECK_UNSUPPORTED = 63
+
+# File names qemu's tls-creds-x509 object reads from its directory.
+TLS_CA_CERT = "ca-cert.pem"
+TLS_SERVER_FILES = (TLS_CA_CERT, "server-cert.pem", "server-key.pem")
+TLS_CLIENT_CERT = "client-cert.pem"
+TLS_CLIENT_KEY = "client-key.pem"
+
+# Ids of the tls-creds-x509 objects on qemu command lines: one to read a TLS
+# NBD source, one for the export's own server side.
+TLS_SOURCE_ID = "tls-source"
+TLS_EXPORT_ID = "tls-export"
+
+# qemu checks the server certificate against a host name even on unix
+# sockets, where the URL has none.
+UNIX_TLS_HOSTNAME = "localhost"
+
+# /proc/net/unix: a listening socket carries __SO_ACCEPTCON in its flags.
+SO_ACCEPTCON = 1 << 16
+
+# prctl(2) option: signal the child gets when its parent thread exits.
+PR_SET_PDEATHSIG = 1
+
+# Pauses between looks at a starting or stopping qemu-nbd: first and longest.
+POLL_START = 0.005
+POLL_MAX = 0.1
+
+NBD_URL = re.compile(r"^nbds?(\+(unix|tcp))?:")
+
+# qemu-nbd's options (qemu-nbd.c, qemu 7.2): short name -> long name, and
+# the long names that take an argument. Used to read command lines of
+# running servers, ours and others'.
+QEMU_NBD_SHORT = {
+    "b": "bind",
+    "o": "offset",
+    "p": "port",
+    "r": "read-only",
+    "s": "snapshot",
+    "n": "nocache",
+    "c": "connect",
+    "d": "disconnect",
+    "v": "verbose",
+    "k": "socket",
+    "e": "shared",
+    "f": "format",
+    "t": "persistent",
+    "l": "load-snapshot",
+    "x": "export-name",
+    "T": "trace",
+    "D": "description",
+    "A": "allocation-depth",
+    "B": "bitmap",
+    "L": "list",
+    "h": "help",
+    "V": "version",
+}
+QEMU_NBD_WITH_ARGUMENT = frozenset(
+    (
+        "bind",
+        "offset",
+        "port",
+        "connect",
+        "socket",
+        "shared",
+        "format",
+        "load-snapshot",
+        "export-name",
+        "trace",
+        "description",
+        "bitmap",
+        "cache",
+        "aio",
+        "discard",
+        "detect-zeroes",
+        "object",
+        "tls-creds",
+        "tls-authz",
+        "tls-hostname",
+        "pid-file",
+        "selinux-label",
+    )
+)
+
+
+class QemuError(Exception):
+    """qemu-img or qemu-nbd failed; the message names the image and quotes qemu."""
+
+
+def is_nbd_url(image):
+    """Whether image is an NBD URL rather than a local path."""
+    return bool(NBD_URL.match(image))
+
+
+def info(image, fmt=None, backing_chain=False, tls_certs=None, force_share=False):
+    """Return ``qemu-img info --output=json`` of a local image or an NBD URL.
+
+    backing_chain: also open the backing chain; the result gets a "chain"
+        key listing the info of every image, this one first.
+    tls_certs: directory with the client files of qemu's tls-creds-x509
+        (ca-cert.pem, optional client-cert.pem and client-key.pem), needed
+        for nbds:// URLs and servers that require TLS.
+    force_share: open the image even when another process writes it (the
+        result may then be slightly stale).
+    """
+    source = _Source(image, fmt, tls_certs)
+    cmd = [QEMU_IMG, "info", "--output=json"]
+    if backing_chain:
+        cmd.append("--backing-chain")
+    if force_share:
+        cmd.append("--force-share")
+    out = _run(cmd + source.qemu_img_args(), "cannot read image", image, source.explain)
+    result = json.loads(out)
+    if backing_chain:
+        chain = result
+        result = dict(chain[0])
+        result["chain"] = chain
+    return result
+
+
+def measure(image, out_format, fmt=None, tls_certs=None):
+    """Return ``qemu-img measure --output=json`` for converting image to out_format.
+
+    "required" is the size a new sparse image needs, "fully-allocated" the
+    size of a preallocated one.
+    """
+    source = _Source(image, fmt, tls_certs)
+    cmd = [QEMU_IMG, "measure", "--output=json", "-O", out_format]
+    out = _run(cmd + source.qemu_img_args(), "cannot measure image", image, source.explain)
+    return json.loads(out)
+
+
+def check(image, fmt=None, tls_certs=None):
+    """Return ``qemu-img check --output=json``; raise QemuError on corruption.
+
+    Leaked clusters only waste space and are reported in "leaks". Formats
+    without consistency checks (raw) give {"filename", "format", "checked":
+    False}; format is None then unless given. Checked images have "checked":
+    True besides qemu's own keys.
+    """
+    source = _Source(image, fmt, tls_certs)
+    cmd = [QEMU_IMG, "check", "--output=json", *source.qemu_img_args()]
+    proc = _popen_run(cmd)
+    err = _text(proc.stderr)
+    if proc.returncode == CHECK_UNSUPPORTED:
+        return {"filename": image, "format": fmt, "checked": False}
+    if proc.returncode == CHECK_CORRUPT:
+        raise QemuError(
+            "image '{}' is corrupt: qemu-img check found {} corruption(s): {}".format(
+                image, _json_or_empty(proc.stdout).get("corruptions", "some"), _first_lines(err)
+            )
+        )
+    if proc.returncode not in (CHECK_OK, CHECK_LEAKS):
+        raise QemuError(f"cannot check image '{image}': {source.explain(err or _exit_text(proc))}")
+    result = json.loads(proc.stdout)
+    result["checked"] = True
+    return result
+
+
+def create(path, fmt, size, backing=None, backing_fmt=None, preallocation=None, compat=None):
+    """Create a local image with ``qemu-img create``.
+
+    size: virtual size in bytes; None takes the backing image's size.
+    backing: backing file (relative to path's directory, as qemu resolves
+        it) or NBD URL; backing_fmt is probed with qemu-img info when not
+        given, since qemu no longer guesses it.
+    preallocation: off, metadata (qcow2), falloc or full.
+    compat: qcow2 compatibility level, "0.10" or "1.1".
+
+    Like qemu-img, replaces an existing file; when creation fails, no file
+    is left at path (qemu-img removes even one that was there before).
+    """
+    if size is None and backing is None:
+        raise QemuError(f"cannot create image '{path}': give a size or a backing file")
+    cmd = [QEMU_IMG, "create", "-q", "-f", fmt]
+    if backing is not None:
+        if backing_fmt is None:
+            backing_fmt = info(_backing_path(path, backing))["format"]
+        cmd += ["-b", backing, "-F", backing_fmt]
+    options = []
+    if preallocation is not None:
+        options.append("preallocation=" + preallocation)
+    if compat is not None:
+        options.append("compat=" + compat)
+    if options:
+        cmd += ["-o", ",".join(options)]
+    cmd.append(os.path.abspath(path))
+    if size is not None:
+        cmd.append(str(size))
+    existed = os.path.lexists(path)
+    try:
+        _run(cmd, "cannot create image", path)
+    except BaseException:
+        if not existed:
+            _remove_quietly(path)
+        raise
+
+
+def is_iso(path):
+    """Whether a raw image holds an ISO 9660 file system (an installation disc)."""
+    _require_local_file(path, "cannot read image")
+    try:
+        with open(path, "rb") as f:
+            f.seek(ISO_DESCRIPTOR_OFFSET)
+            return f.read(len(ISO_PRIMARY_DESCRIPTOR)) == ISO_PRIMARY_DESCRIPTOR
+    except OSError as e:
+        raise QemuError(f"cannot read image '{path}': {e.strerror}") from None
+
+
+@functools.lru_cache(maxsize=None)
+def version():
+    """Version of qemu-img as a tuple of ints, e.g. (7, 2, 0)."""
+    # First line: "qemu-img version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18)".
+    out = _run([QEMU_IMG, "--version"], "cannot run", QEMU_IMG)
+    found = re.search(r"version (\d+)\.(\d+)\.(\d+)", out)
+    if not found:
+        raise QemuError(f"cannot read the version of {QEMU_IMG}: {out[:200]!r}")
+    return tuple(int(n) for n in found.groups())
+
+
+class Export:
+    """A qemu-nbd server: where it listens and what it serves.
+
+    Built from the qemu-nbd command line, so it describes running servers
+    (pid set) and servers about to start (pid None) the same way.
+    """
+
+    def __init__(self, argv, pid=None):
+        options, image = _parse_qemu_nbd_argv(argv)
+        self.argv = list(argv)
+        self.pid = pid
+        self.image = image
+        self.socket = options.get("socket")
+        if self.socket is None:
+            self.address = options.get("bind", "0.0.0.0")
+            self.port = _int_or_text(options.get("port", _nbd.NBD_DEFAULT_PORT))
+        else:
+            self.address = None
+            self.port = None
+        self.export_name = options.get("export-name", "")
+        self.format = options.get("format") or _json_driver(image)
+        self.readonly = "read-only" in options
+        self.shared = _int_or_text(options.get("shared", 1))
+        self.tls = "tls-creds" in options
+        self.tls_certs = _tls_dir(options.get("objects", ()), options.get("tls-creds"))
+        self.url = _export_url(self.socket, self.address, self.port, self.export_name, self.tls)
+
+    @property
+    def endpoint(self):
+        """("unix", path) or ("tcp", address, port): what identifies an export."""
+        if self.socket is not None:
+            return ("unix", self.socket)
+        return ("tcp", self.address, self.port)
+
+    def __repr__(self):
+        return f"<Export {self.url} pid={self.pid} image={self.image!r} format={self.format}>"
+
+
+@contextmanager
+def serve(
+    image,
+    fmt=None,
+    readonly=True,
+    shared=8,
+    allocation_depth=None,
+    bitmap=None,
+    cache=None,
+    aio=None,
+    discard=True,
+    detect_zeroes=None,
+    export_name="",
+    timeout=10.0,
+    tls_certs=None,
+):
+    """Serve image with qemu-nbd on a private unix socket; yield an Export.
+
+    fmt: probed with qemu-img info when not given; qemu-nbd itself is
+        always told the format, so it never probes a raw image.
+    allocation_depth: report qemu:allocation-depth; default on for all
+        formats but raw.
+    cache, aio: default to none + native when the file supports O_DIRECT,
+        writeback + threads otherwise.
+    discard, detect_zeroes: for writable exports: pass discard requests down
+        (unmap), and turn zero writes into zero requests ("unmap" with
+        discard, else "on").
+    tls_certs: client credentials directory to read a TLS NBD source.
+
+    Non-raw images are checked with qemu-img check first, so a truncated or
+    corrupt image fails here instead of serving zeros. qemu-nbd is stopped
+    and the directory removed when the block ends, whatever ends it; if the
+    calling thread dies without unwinding, the kernel stops qemu-nbd.
+    """
+    source = _Source(image, fmt, tls_certs, readonly=readonly)
+    source.verify()
+    directory = tempfile.mkdtemp(prefix="thinair-qemu-nbd-")
+    try:
+        sock = os.path.join(directory, "sock")
+        log = os.path.join(directory, "qemu-nbd.log")
+        argv = _command(
+            source,
+            ["--socket=" + sock],
+            readonly=readonly,
+            shared=shared,
+            export_name=export_name,
+            allocation_depth=allocation_depth,
+            bitmap=bitmap,
+            cache=cache,
+            aio=aio,
+            discard=discard,
+            detect_zeroes=detect_zeroes,
+        )
+        with open(log, "wb") as stderr:
+            proc = _popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                preexec_fn=_die_with_parent_hook(),
+            )
+        try:
+            export = Export(argv, pid=proc.pid)
+            _wait_until_ready(proc, export.url, log, source, timeout)
+            yield export
+        finally:
+            _terminate(proc, timeout)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def export_command(
+    image,
+    fmt=None,
+    readonly=True,
+    address="127.0.0.1",
+    port=_nbd.NBD_DEFAULT_PORT,
+    socket=None,
+    export_name="",
+    tls_certs=None,
+    shared=8,
+    allocation_depth=None,
+    bitmap=None,
+    cache=None,
+    aio=None,
+    discard=True,
+    detect_zeroes=None,
+):
+    """Return the qemu-nbd command line of a long-lived export of image.
+
+    The same inputs give the same command line, which is how a running
+    export is recognised (compare with Export.argv). socket: unix socket
+    path, used instead of address and port. tls_certs: directory with
+    qemu's server files (ca-cert.pem, server-cert.pem, server-key.pem);
+    clients then need a certificate signed by that CA (qemu verifies
+    peers). Other options as for serve(). Reads the image (format probe)
+    but changes nothing.
+    """
+    if image.startswith("nbds"):
+        raise QemuError(
+            f"cannot export image '{image}': exporting a TLS NBD source is not supported"
+        )
+    source = _Source(image, fmt, None, readonly=readonly, force_share=True)
+    if socket is not None:
+        if not os.path.isabs(socket):
+            raise QemuError(f"socket must be an absolute path, not '{socket}'")
+        endpoint = ["--socket=" + os.path.normpath(socket)]
+    else:
+        if not 0 < port < 65536:
+            raise QemuError(f"port must be between 1 and 65535, not {port}")
+        endpoint = ["--bind=" + address, f"--port={port}"]
+    if tls_certs is not None:
+        endpoint += _server_tls_args(tls_certs)
+    return _command(
+        source,
+        endpoint,
+        daemon=True,
+        readonly=readonly,
+        shared=shared,
+        export_name=export_name,
+        allocation_depth=allocation_depth,
+        bitmap=bitmap,
+        cache=cache,
+        aio=aio,
+        discard=discard,
+        detect_zeroes=detect_zeroes,
+    )
+
+
+def verify(export):
+    """Fail when qemu-nbd would serve export's image wrongly (corrupt, truncated).
+
+    Checks images other than raw with qemu-img check.
+    """
+    _Source(export.image, export.format, None, readonly=export.readonly).verify()
+
+
+def start(argv, timeout=10.0, verify_image=True):
+    """Start the export export_command() described; return it once it listens.
+
+    qemu-nbd runs as a daemon in its own session and outlives the caller.
+    The image is verified first (see verify()) unless verify_image is False. A unix
+    socket path must be free: a stale socket is replaced, anything else is
+    refused.
+    """
+    export = Export(argv)
+    if export.socket is not None:
+        _claim_socket_path(export.socket)
+    if verify_image:
+        verify(export)
+    try:
+        proc = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            cwd="/",
+            check=False,
+            timeout=timeout,
+        )
+    except FileNotFoundError:
+        raise QemuError(_missing_tool(QEMU_NBD)) from None
+    except subprocess.TimeoutExpired:
+        for late in _running_with_argv(argv):
+            stop(late.pid, timeout)
+        raise QemuError(
+            f"cannot export image '{export.image}': qemu-nbd did not start within {timeout} s"
+        ) from None
+    if proc.returncode != 0:
+        # qemu-nbd binds its socket before it opens the image.
+        if export.socket is not None:
+            _remove_stale_socket(export.socket)
+        raise QemuError(
+            f"cannot export image '{export.image}': {_text(proc.stderr) or _exit_text(proc)}"
+        )
+    started = [e for e in _running_with_argv(argv) if _is_session_leader(e.pid)]
+    if not started:
+        raise QemuError(
+            f"cannot export image '{export.image}': qemu-nbd started and exited at once"
+        )
+    return started[0]
+
+
+def find_exports():
+    """Return an Export for every running qemu-nbd server on this machine."""
+    exports = []
+    for pid, argv in _qemu_nbd_processes():
+        options = _parse_qemu_nbd_argv(argv)[0]
+        # qemu-nbd --connect and --list are NBD clients, not servers.
+        if "connect" in options or "list" in options:
+            continue
+        exports.append(Export(argv, pid=pid))
+    return exports
+
+
+def find_export(endpoint):
+    """Return the running Export listening on endpoint (see Export.endpoint), or None."""
+    for export in find_exports():
+        if export.endpoint == endpoint:
+            return export
+    return None
+
+
+def stop(pid, timeout=10.0):
+    """Stop the qemu-nbd server pid, wait until it is gone, remove its unix socket.
+
+    Returns False when no such server runs (already stopped), True otherwise.
+    Refuses to signal a process that is not qemu-nbd.
+    """
+    argv = _cmdline(pid)
+    if not argv:
+        return False
+    if os.path.basename(argv[0]) != QEMU_NBD:
+        raise QemuError("process {} is not qemu-nbd: {}".format(pid, " ".join(argv)))
+    export = Export(argv, pid=pid)
+    _signal(pid, signal.SIGTERM)
+    if not _wait_gone(pid, timeout):
+        _signal(pid, signal.SIGKILL)
+        if not _wait_gone(pid, timeout):
+            raise QemuError(f"qemu-nbd process {pid} did not exit after SIGKILL")
+    # qemu-nbd removes its socket on SIGTERM, not when it is killed.
+    if export.socket is not None:
+        _remove_stale_socket(export.socket)
+    return True
+
+
+class _Source:
+    """What qemu opens: a local image or an NBD URL, with its format known."""
+
+    def __init__(self, image, fmt, tls_certs, readonly=True, force_share=False):
+        self.image = image
+        self.url = is_nbd_url(image)
+        self.readonly = readonly
+        self.tls_certs = tls_certs
+        self.tls = False
+        self.server = None
+        if self.url:
+            if tls_certs is not None or image.startswith("nbds"):
+                self.tls = True
+                self.server = self._nbd_server_options(image, tls_certs)
+        else:
+            _require_local_file(image, "cannot read image")
+        self.format = fmt
+        self._force_share = force_share
+
+    def probe(self):
+        """Fill in the format with qemu-img info when it was not given."""
+        if self.format is None:
+            self.format = info(self.image, tls_certs=self.tls_certs, force_share=self._force_share)[
+                "format"
+            ]
+        return self.format
+
+    def verify(self):
+        """Fail on an image qemu-nbd would serve wrongly (corrupt, truncated)."""
+        if self.probe() != "raw":
+            check(self.image, fmt=self.format, tls_certs=self.tls_certs)
+
+    def qemu_img_args(self):
+        """Arguments of qemu-img info/measure/check naming this image."""
+        if self.tls:
+            return [*self._object_args(), self._json(with_format=self.format is not None)]
+        args = ["-f", self.format] if self.format else []
+        return [*args, self._filename()]
+
+    def qemu_nbd_args(self):
+        """Arguments of qemu-nbd naming this image, format included."""
+        self.probe()
+        if self.tls:
+            return [*self._object_args(), self._json(with_format=True)]
+        return ["--format=" + self.format, self._filename()]
+
+    def explain(self, error):
+        """qemu's error text, with a hint when a TLS server wants a client certificate."""
+        if (
+            self.tls
+            and "TLS" in error
+            and not os.path.exists(os.path.join(self.tls_certs, TLS_CLIENT_CERT))
+        ):
+            return (
+                f"{error} (the server may require a client certificate: put "
+                f"{TLS_CLIENT_CERT} and {TLS_CLIENT_KEY} signed by its CA in '{self.tls_certs}')"
+            )
+        return error
+
+    def direct_io(self):
+        """Whether the image file can be opened with O_DIRECT."""
+        if self.url:
+            return False
+        flags = (os.O_RDONLY if self.readonly else os.O_RDWR) | os.O_DIRECT
+        try:
+            fd = os.open(self.image, flags)
+        except OSError:
+            return False
+        os.close(fd)
+        return True
+
+    def _filename(self):
+        # An absolute path never reads as "protocol:" to qemu.
+        return self.image if self.url else os.path.abspath(self.image)
+
+    def _object_args(self):
+        directory = _qemu_opt(os.path.abspath(self.tls_certs))
+        return [f"--object=tls-creds-x509,id={TLS_SOURCE_ID},dir={directory},endpoint=client"]
+
+    def _json(self, with_format):
+        node = dict(self.server, driver="nbd")
+        node = {"driver": self.format, "file": node} if with_format else {"file": node}
+        return "json:" + json.dumps(node, sort_keys=True)
+
+    @staticmethod
+    def _nbd_server_options(image, tls_certs):
+        if tls_certs is None:
+            raise QemuError(
+                f"cannot read image '{image}': an nbds URL needs tls_certs, a directory "
+                f"holding {TLS_CA_CERT} (and {TLS_CLIENT_CERT}, {TLS_CLIENT_KEY} when the "
+                "server asks for a client certificate)"
+            )
+        if not os.path.isfile(os.path.join(tls_certs, TLS_CA_CERT)):
+            raise QemuError(
+                f"cannot read image '{image}': "
+                f"no {TLS_CA_CERT} in tls_certs directory '{tls_certs}'"
+            )
+        try:
+            address = _nbd.parse_url(image)
+        except ValueError as e:
+            raise QemuError(f"cannot read image '{image}': {e}") from None
+        if address.transport == "unix":
+            server = {"type": "unix", "path": address.path}
+            hostname = UNIX_TLS_HOSTNAME
+        else:
+            server = {"type": "inet", "host": address.host, "port": str(address.port)}
+            hostname = address.host
+        return {
+            "server": server,
+            "export": address.export,
+            "tls-creds": TLS_SOURCE_ID,
+            "tls-hostname": hostname,
+        }
+
+
+def _command(
+    source,
+    endpoint,
+    readonly,
+    shared,
+    export_name,
+    allocation_depth,
+    bitmap,
+    cache,
+    aio,
+    discard,
+    detect_zeroes,
+    daemon=False,
+):
+    """Build a qemu-nbd command line in one canonical form (--long=value)."""
+    fmt = source.probe()
+    if cache is None:
+        cache = "none" if source.direct_io() else "writeback"
+    if aio is None:
+        aio = "native" if cache == "none" and not source.url else "threads"
+    if allocation_depth is None:
+        allocation_depth = fmt != "raw"
+    if shared < 0:
+        raise QemuError(f"shared must be 0 (no limit) or more connections, not {shared}")
+    argv = [QEMU_NBD]
+    if daemon:
+        argv.append("--fork")
+    argv += ["--persistent", f"--shared={shared}", "--export-name=" + export_name]
+    argv += endpoint
+    if readonly:
+        argv.append("--read-only")
+    else:
+        argv.append("--discard=" + ("unmap" if discard else "ignore"))
+        if detect_zeroes is None:
+            detect_zeroes = "unmap" if discard else "on"
+        argv.append("--detect-zeroes=" + detect_zeroes)
+    argv += ["--cache=" + cache, "--aio=" + aio]
+    if allocation_depth:
+        argv.append("--allocation-depth")
+    if bitmap is not None:
+        argv.append("--bitmap=" + bitmap)
+    return argv + source.qemu_nbd_args()
+
+
+def _server_tls_args(tls_certs):
+    if not os.path.isabs(tls_certs):
+        raise QemuError(f"tls_certs must be an absolute path, not '{tls_certs}'")
+    if not os.path.isdir(tls_certs):
+        raise QemuError(f"tls_certs directory '{tls_certs}' does not exist")
+    missing = [n for n in TLS_SERVER_FILES if not os.path.isfile(os.path.join(tls_certs, n))]
+    if missing:
+        raise QemuError(
+            "tls_certs directory '{}' lacks {}: it needs {}".format(
+                tls_certs, ", ".join(missing), ", ".join(TLS_SERVER_FILES)
+            )
+        )
+    directory = _qemu_opt(os.path.normpath(tls_certs))
+    return [
+        f"--object=tls-creds-x509,id={TLS_EXPORT_ID},dir={directory},endpoint=server",
+        "--tls-creds=" + TLS_EXPORT_ID,
+    ]
+
+
+def _export_url(sock, address, port, export_name, tls):
+    if sock is not None:
+        return _nbd.format_url(_nbd.Address("unix", path=sock, export=export_name, tls=tls))
+    # A wildcard address listens everywhere; clients need a real name.
+    if address in ("0.0.0.0", "::", ""):
+        address = socketlib.getfqdn()
+    return _nbd.format_url(
+        _nbd.Address("tcp", host=address, port=port, export=export_name, tls=tls)
+    )
+
+
+def _parse_qemu_nbd_argv(argv):
+    """Return ({long option: value}, image) of a qemu-nbd command line.
+
+    Flags map to True; every --object value is kept in "objects".
+    """
+    options = {"objects": []}
+    positional = []
+    args = iter(argv[1:])
+    for arg in args:
+        if arg == "--":
+            positional.extend(args)
+            break
+        if arg.startswith("--"):
+            name, sep, value = arg[2:].partition("=")
+            if name in QEMU_NBD_WITH_ARGUMENT and not sep:
+                value = next(args, "")
+            _set_option(options, name, value if name in QEMU_NBD_WITH_ARGUMENT else True)
+        elif arg.startswith("-") and len(arg) > 1:
+            letters = arg[1:]
+            while letters:
+                name = QEMU_NBD_SHORT.get(letters[0], letters[0])
+                letters = letters[1:]
+                if name in QEMU_NBD_WITH_ARGUMENT:
+                    value = letters or next(args, "")
+                    _set_option(options, name, value)
+                    break
+                _set_option(options, name, True)
+        else:
+            positional.append(arg)
+    return options, (positional[-1] if positional else None)
+
+
+def _set_option(options, name, value):
+    if name == "object":
+        options["objects"].append(value)
+    else:
+        options[name] = value
+
+
+def _int_or_text(value):
+    # Other tools' command lines may name a port by service name.
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
+def _json_driver(image):
+    if image and image.startswith("json:"):
+        try:
+            return json.loads(image[5:]).get("driver")
+        except (ValueError, AttributeError):
+            return None
+    return None
+
+
+def _tls_dir(objects, creds_id):
+    if creds_id is None:
+        return None
+    for obj in objects:
+        fields = _split_qemu_opts(obj)
+        if fields.get("id") == creds_id:
+            return fields.get("dir")
+    return None
+
+
+def _split_qemu_opts(text):
+    """Split qemu's "a=b,c=d" option syntax, where ",," is a literal comma."""
+    fields = {}
+    for part in re.split(r"(?<!,),(?!,)", text.replace(",,", "\0")):
+        key, value = part.split("=", 1) if "=" in part else (part, "")
+        fields[key] = value.replace("\0", ",")
+    return fields
+
+
+def _qemu_opt(value):
+    # In qemu's option syntax a comma ends the value unless doubled.
+    return value.replace(",", ",,")
+
+
+def _backing_path(path, backing):
+    if is_nbd_url(backing) or os.path.isabs(backing):
+        return backing
+    return os.path.join(os.path.dirname(os.path.abspath(path)), backing)
+
+
+def _require_local_file(path, action):
+    if not os.path.lexists(path):
+        raise QemuError(f"{action} '{path}': no such file")
+    if os.path.isdir(path):
+        raise QemuError(f"{action} '{path}': it is a directory")
+    if not os.path.exists(path):
+        raise QemuError(f"{action} '{path}': broken symbolic link")
+
+
+def _claim_socket_path(path):
+    """Make path free for a new server: refuse files and live sockets."""
+    if not os.path.lexists(path):
+        if not os.path.isdir(os.path.dirname(path)):
+            raise QemuError(
+                f"cannot create socket '{path}': directory '{os.path.dirname(path)}' does not exist"
+            )
+        return
+    if not _is_socket(path):
+        raise QemuError(f"refusing to replace '{path}': it exists and is not a socket")
+    if _is_listening(path):
+        owner = find_export(("unix", path))
+        raise QemuError(
+            "socket '{}' is in use by {}; stop it first".format(
+                path, "another process" if owner is None else f"qemu-nbd pid {owner.pid}"
+            )
+        )
+    _remove_quietly(path)
+
+
+def _remove_stale_socket(path):
+    if _is_socket(path) and not _is_listening(path):
+        _remove_quietly(path)
+
+
+def _is_socket(path):
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _is_listening(path):
+    """Whether a socket listens on the unix path (from /proc/net/unix)."""
+    with open("/proc/net/unix") as f:
+        next(f)
+        for line in f:
+            # Num RefCount Protocol Flags Type St Inode Path
+            fields = line.split(None, 7)
+            listening = len(fields) == 8 and int(fields[3], 16) & SO_ACCEPTCON
+            if listening and fields[7].rstrip("\n") == path:
+                return True
+    return False
+
+
+def _wait_until_ready(proc, url, log, source, timeout):
+    """Return once the export answers an NBD handshake.
+
+    A listening socket is not enough: qemu-nbd binds its socket before it
+    opens the image, and may still fail to open it.
+    """
+    image = source.image
+    deadline = time.monotonic() + timeout
+    pause = POLL_START
+    while True:
+        if proc.poll() is not None:
+            error = source.explain(_read_log(log) or _exit_text(proc))
+            raise QemuError(f"cannot serve image '{image}': {error}")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise QemuError(
+                f"cannot serve image '{image}': qemu-nbd was not ready within {timeout} s"
+            )
+        try:
+            _nbd.Client(url, meta_contexts=(), connect_timeout=remaining).close()
+            return
+        except _nbd.Error:
+            time.sleep(pause)
+            pause = min(pause * 2, POLL_MAX)
+
+
+def _terminate(proc, timeout):
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _qemu_nbd_processes():
+    """Yield (pid, argv) of the live qemu-nbd processes."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        argv = _cmdline(int(name))
+        if argv and os.path.basename(argv[0]) == QEMU_NBD:
+            yield int(name), argv
+
+
+def _running_with_argv(argv):
+    return [Export(a, pid=p) for p, a in _qemu_nbd_processes() if a == list(argv)]
+
+
+def _cmdline(pid):
+    """argv of a live process; [] when it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return []
+    return [os.fsdecode(a) for a in raw.split(b"\0")[:-1]]
+
+
+def _is_session_leader(pid):
+    """Whether pid leads its session, as a daemonized qemu-nbd --fork does."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # "pid (comm) state ppid pgrp session ..."; comm may hold spaces.
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return int(fields[3]) == pid
+
+
+def _is_gone(pid):
+    """Whether every thread of pid has exited.
+
+    A zombie has exited; only its parent (often init) can reap it. The
+    main thread may turn zombie before the others, which still hold the
+    process's files and sockets.
+    """
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return True
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in ("Z", "X"):
+            return False
+    return True
+
+
+def _wait_gone(pid, timeout):
+    deadline = time.monotonic() + timeout
+    pause = POLL_START
+    while not _is_gone(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(pause)
+        pause = min(pause * 2, POLL_MAX)
+    return True
+
+
+def _signal(pid, signo):
+    with suppress(ProcessLookupError):
+        os.kill(pid, signo)
+
+
+@functools.lru_cache(maxsize=None)
+def _prctl():
+    # The process image links libc, so its symbols are at hand.
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _die_with_parent_hook():
+    """Return a preexec_fn making the child get SIGTERM when its parent thread dies.
+
+    So a qemu-nbd whose owner dies without cleaning up (SIGKILL, crash) does
+    not linger. Resolved here, in the parent: between fork and exec the
+    child must only make the system call.
+    """
+    prctl = _prctl()
+    if prctl is None:
+        return None
+    return functools.partial(prctl, PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _popen(argv, **kwargs):
+    try:
+        return subprocess.Popen(argv, **kwargs)
+    except FileNotFoundError:
+        raise QemuError(_missing_tool(argv[0])) from None
+
+
+def _popen_run(cmd):
+    try:
+        return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, check=False)
+    except FileNotFoundError:
+        raise QemuError(_missing_tool(cmd[0])) from None
+
+
+def _run(cmd, action, subject, explain=None):
+    proc = _popen_run(cmd)
+    if proc.returncode != 0:
+        error = _text(proc.stderr) or _exit_text(proc)
+        if explain is not None:
+            error = explain(error)
+        raise QemuError(f"{action} '{subject}': {error}")
+    return _text(proc.stdout)
+
+
+def _missing_tool(name):
+    return f"{name} not found: install qemu-utils (Debian, Ubuntu) or qemu-img (Fedora, EL)"
+
+
+def _text(data):
+    return data.decode("utf-8", errors="replace").strip()
+
+
+def _json_or_empty(data):
+    try:
+        return json.loads(data)
+    except ValueError:
+        return {}
+
+
+def _first_lines(text, count=3):
+    return "; ".join(text.splitlines()[:count])
+
+
+def _exit_text(proc):
+    return f"{os.path.basename(proc.args[0])} exited with status {proc.returncode}"
+
+
+def _read_log(path):
+    try:
+        with open(path, "rb") as f:
+            return _text(f.read())
+    except OSError:
+        return ""
+
+
+def _remove_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            raise
