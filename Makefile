@@ -57,8 +57,9 @@ sanity: setup
 unit: setup
 	$(PYTEST) tests/unit
 
+# The lab's own tests, then the modules run with ansible-playbook.
 integration: setup
-	$(PYTEST) tests/integration
+	$(PYTEST) tests/lab tests/integration
 
 demo: setup
 	$(VENV)/bin/ansible-playbook playbooks/demo.yml
