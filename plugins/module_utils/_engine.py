@@ -1,0 +1,349 @@
+# Copyright: thinair.ovirt contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+"""The engine side of disk work, through ovirtsdk4.
+
+Connection from the shared ``auth`` options, lookups by id or name, and the
+lifecycles of disks and image transfers, each waited on with a monotonic
+deadline and a poll that starts short and backs off. Engine calls that fail
+with 409 (locked, busy) or 5xx are retried with backoff; the transfer phase
+rules are the ones ovirt-img and the SDK examples follow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import traceback
+import uuid
+
+try:
+    import ovirtsdk4 as sdk
+    from ovirtsdk4 import types
+except ImportError:
+    sdk = None
+    types = None
+    SDK_IMPORT_ERROR = traceback.format_exc()
+else:
+    SDK_IMPORT_ERROR = None
+
+# Waiting starts with this pause and grows by BACKOFF up to the poll interval.
+FIRST_POLL = 0.05
+BACKOFF = 1.5
+
+# Engine answers worth another try: locked or busy objects, engine trouble.
+RETRY_STATUS = (409, 500, 502, 503, 504)
+RETRIES = 5
+
+
+class EngineError(Exception):
+    """An engine operation failed; the message says what and why."""
+
+
+class Deadline:
+    """A monotonic deadline with a poll that backs off."""
+
+    def __init__(self, timeout, poll_interval):
+        self.end = time.monotonic() + timeout
+        self.poll_interval = poll_interval
+        self._pause = min(FIRST_POLL, poll_interval)
+
+    def left(self):
+        return self.end - time.monotonic()
+
+    def expired(self):
+        return self.left() <= 0
+
+    def sleep(self):
+        time.sleep(max(0.0, min(self._pause, self.left())))
+        self._pause = min(self._pause * BACKOFF, self.poll_interval)
+
+
+def engine_url(auth):
+    if auth.get("url"):
+        return auth["url"]
+    if auth.get("hostname"):
+        return "https://{}/ovirt-engine/api".format(auth["hostname"])
+    raise EngineError("auth needs url or hostname (or OVIRT_URL in the environment)")
+
+
+def fault_text(e):
+    """The engine's own words from an SDK error, without the SDK's wrapping."""
+    fault = getattr(e, "fault", None)
+    if fault is not None and (fault.detail or fault.reason):
+        return (fault.detail or fault.reason).strip()
+    return str(e)
+
+
+class Engine:
+    """One logged-in session with the engine."""
+
+    def __init__(self, auth, timeout=3600, poll_interval=1.0):
+        self.url = engine_url(auth)
+        self.timeout = timeout
+        self.poll_interval = poll_interval
+        has_password = auth.get("username") and auth.get("password")
+        if not (has_password or auth.get("token") or auth.get("kerberos")):
+            raise EngineError("auth needs username and password, a token, or kerberos: true")
+        self.connection = sdk.Connection(
+            url=self.url,
+            username=auth.get("username"),
+            password=auth.get("password"),
+            token=auth.get("token"),
+            ca_file=auth.get("ca_file"),
+            insecure=auth.get("insecure", False),
+            timeout=auth.get("timeout") or 0,
+            compress=auth.get("compress", True),
+            kerberos=auth.get("kerberos", False),
+            headers=auth.get("headers"),
+        )
+        self._owns_token = not auth.get("token")
+        self.system = self.connection.system_service()
+        self.call(self.connection.test, raise_exception=True, what="connect to the engine")
+
+    def close(self):
+        with contextlib.suppress(sdk.Error):
+            self.connection.close(logout=self._owns_token)
+
+    def deadline(self, timeout=None):
+        return Deadline(self.timeout if timeout is None else timeout, self.poll_interval)
+
+    def call(self, func, *args, what="call the engine", retry=True, **kwargs):
+        """Call an SDK function; retry 409 and 5xx; turn errors into EngineError."""
+        pause = 0.5
+        for attempt in range(RETRIES + 1):
+            try:
+                return func(*args, **kwargs)
+            except sdk.AuthError as e:
+                raise EngineError(
+                    f"cannot {what}: authentication failed at {self.url}: {fault_text(e)}"
+                ) from e
+            except sdk.NotFoundError:
+                raise
+            except sdk.Error as e:
+                if retry and getattr(e, "code", None) in RETRY_STATUS and attempt < RETRIES:
+                    time.sleep(pause)
+                    pause *= 2
+                    continue
+                raise EngineError(f"cannot {what}: {self._explain(e)}") from e
+        raise AssertionError("unreachable")
+
+    def _explain(self, e):
+        text = fault_text(e)
+        if "SSL certificate problem" in text or "certificate verify failed" in text:
+            return (
+                f"the certificate of {self.url} is not trusted ({text}); set auth.ca_file to "
+                "the engine's CA (https://ENGINE/ovirt-engine/services/pki-resource"
+                "?resource=ca-certificate&format=X509-PEM-CA)"
+            )
+        if "Couldn't connect" in text or "Could not resolve" in text or "Failed to connect" in text:
+            return f"the engine at {self.url} cannot be reached ({text})"
+        return text
+
+    # Lookups
+
+    def storage_domain(self, name):
+        service = self.system.storage_domains_service()
+        found = self.call(
+            service.list, search=f'name="{name}"', what=f"look up storage domain {name}"
+        )
+        found = [sd for sd in found if sd.name == name]
+        if not found:
+            names = sorted(sd.name for sd in self.call(service.list, what="list storage domains"))
+            raise EngineError(
+                "storage domain '{}' not found; the engine has: {}".format(
+                    name, ", ".join(names) or "none"
+                )
+            )
+        return found[0]
+
+    def storage_domain_by_id(self, sd_id):
+        service = self.system.storage_domains_service().storage_domain_service(sd_id)
+        return self.call(service.get, what=f"look up storage domain {sd_id}")
+
+    def disk(self, disk_id=None, name=None):
+        """The disk with this id, or the one disk with this name; None if there is none."""
+        service = self.system.disks_service()
+        if disk_id:
+            try:
+                return self.call(service.disk_service(disk_id).get, what=f"look up disk {disk_id}")
+            except sdk.NotFoundError:
+                return None
+        found = self.call(service.list, search=f'name="{name}"', what=f"look up disk {name}")
+        found = [d for d in found if d.alias == name or d.name == name]
+        if len(found) > 1:
+            raise EngineError(
+                "{} disks are named '{}' ({}); give disk_id".format(
+                    len(found), name, ", ".join(d.id for d in found)
+                )
+            )
+        return found[0] if found else None
+
+    def get_disk(self, disk_id):
+        """The disk, or None once the engine has removed it."""
+        try:
+            return self.call(
+                self.system.disks_service().disk_service(disk_id).get,
+                what=f"look up disk {disk_id}",
+            )
+        except sdk.NotFoundError:
+            return None
+
+    # Disks
+
+    def create_disk(self, spec, storage_domain, name, description=None, disk_id=None):
+        """Create a disk from a _plan spec and wait until it is OK; return it."""
+        disk = types.Disk(
+            id=disk_id,
+            name=name,
+            alias=name,
+            description=description,
+            format=types.DiskFormat(spec["format"]),
+            sparse=spec["sparse"],
+            provisioned_size=spec["provisioned_size"],
+            initial_size=spec.get("initial_size"),
+            backup=types.DiskBackup(spec["backup"]),
+            content_type=types.DiskContentType(spec["content_type"]),
+            storage_domains=[types.StorageDomain(name=storage_domain)],
+        )
+        created = self.call(
+            self.system.disks_service().add,
+            disk,
+            query={"correlation_id": str(uuid.uuid4())},
+            what=f"create disk {name} on {storage_domain}",
+            retry=False,
+        )
+        return self.wait_disk_ok(created.id, what=f"create disk {name}")
+
+    def wait_disk_ok(self, disk_id, what="wait for the disk", timeout=None):
+        deadline = self.deadline(timeout)
+        while True:
+            disk = self.get_disk(disk_id)
+            if disk is None:
+                raise EngineError(f"cannot {what}: the engine removed disk {disk_id}")
+            if disk.status == types.DiskStatus.OK:
+                return disk
+            if disk.status == types.DiskStatus.ILLEGAL:
+                raise EngineError(f"cannot {what}: disk {disk_id} became illegal")
+            if deadline.expired():
+                raise EngineError(
+                    f"cannot {what}: disk {disk_id} is still {disk.status} after "
+                    f"{self.timeout if timeout is None else timeout} s"
+                )
+            deadline.sleep()
+
+    def remove_disk(self, disk_id):
+        service = self.system.disks_service().disk_service(disk_id)
+        with contextlib.suppress(sdk.NotFoundError):
+            self.call(service.remove, what=f"remove disk {disk_id}")
+
+    # Image transfers
+
+    def start_transfer(
+        self,
+        disk_id=None,
+        snapshot_id=None,
+        direction="upload",
+        inactivity_timeout=None,
+        timeout_policy="cancel",
+        host_id=None,
+    ):
+        """Create an image transfer and wait until it is transferring; return it."""
+        transfer = types.ImageTransfer(
+            disk=types.Disk(id=disk_id) if disk_id and not snapshot_id else None,
+            snapshot=types.DiskSnapshot(id=snapshot_id) if snapshot_id else None,
+            direction=types.ImageTransferDirection(direction),
+            format=types.DiskFormat.RAW,
+            inactivity_timeout=inactivity_timeout,
+            timeout_policy=types.ImageTransferTimeoutPolicy(timeout_policy),
+            host=types.Host(id=host_id) if host_id else None,
+        )
+        transfers = self.system.image_transfers_service()
+        transfer = self.call(
+            transfers.add,
+            transfer,
+            what=f"start the {direction} of disk {snapshot_id or disk_id}",
+            retry=False,
+        )
+        service = transfers.image_transfer_service(transfer.id)
+        deadline = self.deadline(min(self.timeout, 120))
+        while True:
+            if transfer.phase == types.ImageTransferPhase.TRANSFERRING:
+                return transfer
+            if transfer.phase != types.ImageTransferPhase.INITIALIZING:
+                self.cancel_transfer(transfer.id)
+                raise EngineError(
+                    f"cannot start the {direction}: transfer {transfer.id} is {transfer.phase}"
+                )
+            if deadline.expired():
+                self.cancel_transfer(transfer.id)
+                raise EngineError(
+                    f"cannot start the {direction}: transfer {transfer.id} did not start in time"
+                )
+            deadline.sleep()
+            try:
+                transfer = self.call(service.get, what=f"watch transfer {transfer.id}")
+            except sdk.NotFoundError:
+                raise EngineError(
+                    f"cannot start the {direction}: the engine removed transfer {transfer.id}"
+                ) from None
+
+    def transfer(self, transfer_id):
+        service = self.system.image_transfers_service().image_transfer_service(transfer_id)
+        try:
+            return self.call(service.get, what=f"watch transfer {transfer_id}")
+        except sdk.NotFoundError:
+            return None
+
+    def host(self, host_id):
+        service = self.system.hosts_service().host_service(host_id)
+        return self.call(service.get, what=f"look up host {host_id}")
+
+    def host_by_name(self, name):
+        service = self.system.hosts_service()
+        found = [
+            h
+            for h in self.call(service.list, search=f'name="{name}"', what=f"look up host {name}")
+            if h.name == name
+        ]
+        if not found:
+            raise EngineError(f"host '{name}' not found")
+        return found[0]
+
+    def cancel_transfer(self, transfer_id):
+        service = self.system.image_transfers_service().image_transfer_service(transfer_id)
+        with contextlib.suppress(sdk.NotFoundError):
+            self.call(service.cancel, what=f"cancel transfer {transfer_id}")
+
+    def finalize_transfer(self, transfer_id, disk_id, timeout=300):
+        """Finalize and wait until the engine is done with the transfer and the disk."""
+        service = self.system.image_transfers_service().image_transfer_service(transfer_id)
+        self.call(service.finalize, what=f"finalize transfer {transfer_id}")
+        deadline = self.deadline(timeout)
+        while True:
+            transfer = self.transfer(transfer_id)
+            if transfer is None:
+                # Older engines remove the transfer at once; the disk tells.
+                disk = self.get_disk(disk_id)
+                if disk is None:
+                    raise EngineError(
+                        f"finalizing transfer {transfer_id} failed: the engine removed disk "
+                        f"{disk_id}"
+                    )
+                if disk.status == types.DiskStatus.OK:
+                    return
+                if disk.status == types.DiskStatus.ILLEGAL:
+                    raise EngineError(
+                        f"finalizing transfer {transfer_id} failed: disk {disk_id} is illegal"
+                    )
+            elif transfer.phase == types.ImageTransferPhase.FINISHED_SUCCESS:
+                self.wait_disk_ok(disk_id, what=f"finalize transfer {transfer_id}", timeout=timeout)
+                return
+            elif transfer.phase == types.ImageTransferPhase.FINISHED_FAILURE:
+                raise EngineError(
+                    f"finalizing transfer {transfer_id} failed: the engine could not verify the "
+                    "disk (see the engine's events)"
+                )
+            if deadline.expired():
+                raise EngineError(f"transfer {transfer_id} did not finish within {timeout} s")
+            deadline.sleep()
