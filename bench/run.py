@@ -3,14 +3,22 @@
 
 """Benchmarks, each against its reference measured in the same run.
 
-    .venv/bin/python bench/run.py copy [--dir DIR] [--rounds N]
+    .venv/bin/python bench/run.py copy|transfer [--dir DIR] [--rounds N]
 
 copy: a local image into a new local qcow2 through the streaming core
 (qemu-nbd on both sides, NBD in between) against `qemu-img convert` of the
 same image: (a) 6 GiB with 1.5 GiB of random data in 64 MiB runs, as raw and
-as qcow2, (b) an empty 8 TiB qcow2. Prints wall time, CPU seconds
-(user+sys, child processes included), peak RSS and the ratios, as a table
-ready for the README.
+as qcow2, (b) an empty 8 TiB qcow2.
+
+transfer: on a lab (host on 127.0.0.2, so imageio is reached over TLS),
+upload the 6 GiB qcow2 to nfs1 and iscsi1, download it back to qcow2, and
+upload the empty 8 TiB qcow2: end to end (ansible-playbook running the module
+against the ovirt-img CLI) and the data path alone (module_utils against
+ovirt_imageio.client, into the same kind of disk and transfer), with
+`qemu-img convert` of the same image between local files as the limit.
+
+Prints wall time, CPU seconds (user+sys, child processes included), peak
+RSS and the ratios, as tables ready for the README.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import random
 import subprocess
 import sys
 import time
+from functools import partial
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -40,13 +49,21 @@ def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("suite", choices=["copy"])
+    parser.add_argument("suite", choices=["copy", "transfer"])
     parser.add_argument("--dir", default=os.path.join(ROOT, ".cache", "bench"))
     parser.add_argument("--rounds", type=int, default=2, help="best of N runs of each command")
     args = parser.parse_args()
     os.makedirs(args.dir, exist_ok=True)
-    rows = copy_suite(args.dir, args.rounds)
-    print_table(rows)
+    if args.suite == "copy":
+        rows = copy_suite(args.dir, args.rounds)
+        print_table(rows, "qemu-img")
+    else:
+        rows = transfer_suite(args.dir, args.rounds)
+        print_table([r for r in rows if "ovirt-img" in r], "ovirt-img")
+        print()
+        print_table([r for r in rows if "imageio" in r], "imageio")
+        print()
+        print_table([r for r in rows if "qemu-img" in r], "qemu-img")
     with open(os.path.join(args.dir, f"{args.suite}.json"), "w") as f:
         json.dump(rows, f, indent=2)
 
@@ -72,6 +89,158 @@ def copy_suite(workdir, rounds):
     return rows
 
 
+def transfer_suite(workdir, rounds):
+    sys.path.insert(0, ROOT)
+    sys.path.insert(0, os.path.join(ROOT, ".collections"))
+    from ansible_collections.thinair.ovirt.plugins.module_utils import _engine, _image, _plan
+    from lab.lab import Lab
+
+    _, qcow2, empty = make_images(workdir)
+    lab_dir = os.path.join(workdir, "lab")
+    subprocess.run(["rm", "-rf", lab_dir], check=True)
+    lab = Lab(lab_dir)
+    info = lab.start()
+    auth = {
+        "url": info["engine_url"],
+        "username": info["username"],
+        "password": info["password"],
+        "ca_file": info["ca_file"],
+    }
+    engine = _engine.Engine(auth, timeout=600, poll_interval=0.2)
+    facts = {image: _image.inspect(image) for image in (qcow2, empty)}
+    out = os.path.join(workdir, "download.qcow2")
+    try:
+        rows = []
+        for image, domain, name in [
+            (qcow2, "nfs1", "upload 6 GiB qcow2 (1.5 GiB data) to nfs1"),
+            (qcow2, "iscsi1", "upload 6 GiB qcow2 (1.5 GiB data) to iscsi1"),
+            (empty, "nfs1", "upload empty 8 TiB qcow2 to nfs1"),
+        ]:
+            spec = _plan.disk_spec(facts[image], info["storage_domains"][domain]["storage_type"])
+            row = {"case": name}
+            row["ours"] = best(rounds, partial(upload_playbook, auth, image, domain), None,
+                               after=partial(remove_disks, engine))  # fmt: skip
+            row["ovirt-img"] = best(rounds, partial(ovirt_img_upload, info, image, domain), None,
+                                    after=partial(remove_disks, engine))  # fmt: skip
+            rows.append(row)
+            data_row = {"case": name + ", data path"}
+            for client in ("ours", "imageio"):
+                data_row[client] = best(
+                    rounds,
+                    partial(data_path_upload, engine, info, client, spec, domain, image),
+                    None,
+                    after=partial(remove_disks, engine),
+                )
+            if image == qcow2:
+                data_row["qemu-img"] = best(
+                    rounds, ["qemu-img", "convert", "-O", "qcow2", image, out], out
+                )
+            rows.append(data_row)
+
+        # One disk holding the 6 GiB image, downloaded by everyone.
+        spec = _plan.disk_spec(facts[qcow2], "nfs")
+        disk = data_path_upload(engine, info, "ours", spec, "nfs1", qcow2, run_it=True)
+        name = "download 6 GiB disk (1.5 GiB data) to qcow2"
+        row = {"case": name}
+        row["ours"] = best(rounds, partial(download_playbook, auth, disk, out), out)
+        row["ovirt-img"] = best(rounds, partial(ovirt_img_download, info, disk, out), out)
+        check_identical(qcow2, out)
+        rows.append(row)
+        data_row = {"case": name + ", data path"}
+        for client in ("ours", "imageio"):
+            data_row[client] = best(
+                rounds, partial(data_path_download, engine, info, client, disk, out), out
+            )
+            check_identical(qcow2, out)
+        data_row["qemu-img"] = best(rounds, ["qemu-img", "convert", "-O", "qcow2", qcow2, out], out)
+        rows.append(data_row)
+        return rows
+    finally:
+        engine.close()
+        lab.stop()
+
+
+def upload_playbook(auth, image, domain):
+    task = {
+        "thinair.ovirt.disk_upload": {
+            "auth": auth,
+            "image": image,
+            "storage_domain": domain,
+            "name": f"bench-{time.monotonic_ns()}",
+        }
+    }
+    return playbook_command([task])
+
+
+def download_playbook(auth, disk_id, out):
+    task = {"thinair.ovirt.disk_download": {"auth": auth, "disk_id": disk_id, "dest": out}}
+    return playbook_command([task])
+
+
+def playbook_command(tasks):
+    path = os.path.join(ROOT, ".cache", "bench", "playbook.yml")
+    play = [{"hosts": "localhost", "gather_facts": False, "tasks": tasks}]
+    with open(path, "w") as f:
+        json.dump(play, f)
+    return [os.path.join(os.path.dirname(PYTHON), "ansible-playbook"), path]
+
+
+def ovirt_img(info, *args):
+    base = info["engine_url"].rsplit("/ovirt-engine", 1)[0]
+    return [
+        os.path.join(os.path.dirname(PYTHON), "ovirt-img"),
+        args[0],
+        "--engine-url", base,
+        "--username", info["username"],
+        "--password-file", info["password_file"],
+        "--cafile", info["ca_file"],
+        *args[1:],
+    ]  # fmt: skip
+
+
+def ovirt_img_upload(info, image, domain):
+    name = f"bench-{time.monotonic_ns()}"
+    return ovirt_img(info, "upload-disk", "-s", domain, "--name", name, image)
+
+
+def ovirt_img_download(info, disk_id, out):
+    return ovirt_img(info, "download-disk", disk_id, out)
+
+
+def data_path_upload(engine, info, client, spec, domain, image, run_it=False):
+    """Create a disk and an upload transfer, then time only the copy into it."""
+    disk = engine.create_disk(spec, domain, f"bench-{time.monotonic_ns()}")
+    transfer = engine.start_transfer(disk_id=disk.id, direction="upload")
+    try:
+        cmd = [PYTHON, os.path.join(HERE, "data_path.py"), client, "upload", image,
+               transfer.transfer_url, info["ca_file"]]  # fmt: skip
+        if run_it:
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            return disk.id
+        return run(cmd, None)
+    finally:
+        engine.finalize_transfer(transfer.id, disk.id)
+
+
+def data_path_download(engine, info, client, disk_id, out):
+    transfer = engine.start_transfer(disk_id=disk_id, direction="download")
+    try:
+        cmd = [PYTHON, os.path.join(HERE, "data_path.py"), client, "download", out,
+               transfer.transfer_url, info["ca_file"]]  # fmt: skip
+        return run(cmd, out)
+    finally:
+        engine.finalize_transfer(transfer.id, disk_id)
+
+
+def remove_disks(engine):
+    service = engine.system.disks_service()
+    for disk in service.list():
+        if not (disk.alias or "").startswith("bench-"):
+            continue
+        engine.wait_disk_ok(disk.id)
+        engine.remove_disk(disk.id)
+
+
 def make_images(workdir):
     raw = os.path.join(workdir, "data-6g.raw")
     qcow2 = os.path.join(workdir, "data-6g.qcow2")
@@ -94,18 +263,24 @@ def make_images(workdir):
     return raw, qcow2, empty
 
 
-def best(rounds, cmd, out):
-    results = [run(cmd, out) for _round in range(rounds)]
+def best(rounds, cmd, out, after=None):
+    """The fastest of N runs; cmd is a command, or a function making (or running) one."""
+    results = []
+    for _round in range(rounds):
+        made = cmd() if callable(cmd) else cmd
+        results.append(made if isinstance(made, dict) else run(made, out))
+        if after is not None:
+            after()
     return min(results, key=lambda r: r["seconds"])
 
 
 def run(cmd, out):
     """Run cmd once; wall time, CPU of the whole process tree, peak RSS."""
-    if os.path.exists(out):
+    if out and os.path.exists(out):
         os.unlink(out)
     subprocess.run(["sync"], check=True)
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, cwd=ROOT)
     stdout = proc.stdout.read()
     status, usage = os.wait4(proc.pid, 0)[1:]
     seconds = time.monotonic() - start
@@ -118,9 +293,9 @@ def run(cmd, out):
         # ru_maxrss of a process tree is the largest single process in it.
         "peak_rss": usage.ru_maxrss * 1024,
     }
-    if stdout.strip():
-        own = json.loads(stdout.splitlines()[-1])
-        result["python_peak_rss"] = own["peak_rss"]
+    lines = stdout.strip().splitlines()
+    if lines and lines[-1].startswith(b'{"peak_rss"'):
+        result["python_peak_rss"] = json.loads(lines[-1])["peak_rss"]
     return result
 
 
@@ -128,18 +303,18 @@ def check_identical(image, out):
     subprocess.run(["qemu-img", "compare", "-q", image, out], check=True)
 
 
-def print_table(rows):
-    print(
-        "| case | ours s | qemu-img s | time ratio | ours CPU s | qemu-img CPU s | ours peak RSS |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+def print_table(rows, ref_name):
+    print(f"| case | ours s | {ref_name} s | time ratio | ours CPU s | {ref_name} CPU s "
+          "| CPU ratio | ours peak RSS |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        ours, ref = row["ours"], row["qemu-img"]
+        ours, ref = row["ours"], row[ref_name]
         rss = ours.get("python_peak_rss", ours["peak_rss"])
+        cpu_ratio = ours["cpu"] / ref["cpu"] if ref["cpu"] else float("nan")
         print(
             f"| {row['case']} | {ours['seconds']:.2f} | {ref['seconds']:.2f} "
             f"| {ours['seconds'] / ref['seconds']:.2f} | {ours['cpu']:.2f} | {ref['cpu']:.2f} "
-            f"| {rss / MiB:.0f} MiB |"
+            f"| {cpu_ratio:.2f} | {rss / MiB:.0f} MiB |"
         )
 
 

@@ -336,23 +336,18 @@ def download(engine, options, progress, check_mode=False):
             dir=directory, prefix=f".{os.path.basename(dest)}.", suffix=".part"
         )
         os.close(fd)
-        _qemu.create(tmp, fmt, src.size)
-        with _qemu.serve(tmp, fmt=fmt, readonly=False, cache="writeback", aio="threads") as export:
-            dst = _copy.NbdEndpoint(export.url, is_zero=True)
-            try:
-                progress.set_phase("downloading", size=src.size)
-                stats = _copy.copy(
-                    src,
-                    dst,
-                    workers=options.get("workers", _copy.DEFAULT_WORKERS),
-                    request_size=options.get("request_size", _copy.DEFAULT_REQUEST_SIZE),
-                    progress=progress.update,
-                )
-                if options.get("verify"):
-                    progress.set_phase("verifying")
-                    _verify(dst, src)
-            finally:
-                dst.close()
+        with _image.create_endpoint(tmp, fmt, src.size) as dst:
+            progress.set_phase("downloading", size=src.size)
+            stats = _copy.copy(
+                src,
+                dst,
+                workers=options.get("workers", _copy.DEFAULT_WORKERS),
+                request_size=options.get("request_size", _copy.DEFAULT_REQUEST_SIZE),
+                progress=progress.update,
+            )
+            if options.get("verify"):
+                progress.set_phase("verifying")
+                _verify(dst, src)
         os.chmod(tmp, 0o644)
         os.replace(tmp, dest)
         tmp = None

@@ -1,0 +1,64 @@
+# Copyright: thinair.ovirt contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+"""The data path alone: move an image to or from an open image transfer.
+
+    python bench/data_path.py ours|imageio upload IMAGE TRANSFER_URL CA_FILE
+    python bench/data_path.py ours|imageio download OUTPUT TRANSFER_URL CA_FILE
+
+"ours" is the collection's module_utils (qemu-nbd + NBD client on the local
+side, our imageio client on the other); "imageio" is ovirt_imageio.client,
+what ovirt-img runs. Both use 4 connections and skip zeros on the new disk.
+Prints one JSON line with this process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".collections"))
+
+from copy_image import peak_rss
+
+from ansible_collections.thinair.ovirt.plugins.module_utils import _copy, _image, _imageio, _qemu
+
+WORKERS = 4
+
+
+def ours(direction, image, url, ca_file):
+    if direction == "upload":
+        fmt = _qemu.info(image)["format"]
+        with _image.open_endpoint(image, fmt) as src:
+            dst = _imageio.ImageioEndpoint(url, ca_file=ca_file, is_zero=True)
+            try:
+                _copy.copy(src, dst, workers=WORKERS)
+            finally:
+                dst.close()
+    else:
+        src = _imageio.ImageioEndpoint(url, ca_file=ca_file)
+        try:
+            with _image.create_endpoint(image, "qcow2", src.size) as dst:
+                _copy.copy(src, dst, workers=WORKERS)
+        finally:
+            src.close()
+
+
+def imageio(direction, image, url, ca_file):
+    from ovirt_imageio import client
+
+    if direction == "upload":
+        client.upload(image, url, ca_file, max_workers=WORKERS, disk_is_zero=True)
+    else:
+        client.download(url, image, ca_file, fmt="qcow2", max_workers=WORKERS)
+
+
+def main():
+    client, direction, image, url, ca_file = sys.argv[1:6]
+    {"ours": ours, "imageio": imageio}[client](direction, image, url, ca_file)
+    print(json.dumps({"peak_rss": peak_rss()}))
+
+
+if __name__ == "__main__":
+    main()
