@@ -52,13 +52,19 @@ def main():
     parser.add_argument("suite", choices=["copy", "transfer"])
     parser.add_argument("--dir", default=os.path.join(ROOT, ".cache", "bench"))
     parser.add_argument("--rounds", type=int, default=2, help="best of N runs of each command")
+    parser.add_argument(
+        "--host-address",
+        default="127.0.0.2",
+        help="transfer: the lab host's address; 127.0.0.1 puts the client on the host, where "
+        "imageio's unix socket is used",
+    )
     args = parser.parse_args()
     os.makedirs(args.dir, exist_ok=True)
     if args.suite == "copy":
         rows = copy_suite(args.dir, args.rounds)
         print_table(rows, "qemu-img")
     else:
-        rows = transfer_suite(args.dir, args.rounds)
+        rows = transfer_suite(args.dir, args.rounds, args.host_address)
         print_table([r for r in rows if "ovirt-img" in r], "ovirt-img")
         print()
         print_table([r for r in rows if "imageio" in r], "imageio")
@@ -89,7 +95,7 @@ def copy_suite(workdir, rounds):
     return rows
 
 
-def transfer_suite(workdir, rounds):
+def transfer_suite(workdir, rounds, host_address):
     sys.path.insert(0, ROOT)
     sys.path.insert(0, os.path.join(ROOT, ".collections"))
     from ansible_collections.thinair.ovirt.plugins.module_utils import _engine, _image, _plan
@@ -99,7 +105,7 @@ def transfer_suite(workdir, rounds):
     lab_dir = os.path.join(workdir, "lab")
     subprocess.run(["rm", "-rf", lab_dir], check=True)
     lab = Lab(lab_dir)
-    info = lab.start()
+    info = lab.start(host_address=host_address)
     auth = {
         "url": info["engine_url"],
         "username": info["username"],
@@ -280,7 +286,10 @@ def run(cmd, out):
         os.unlink(out)
     subprocess.run(["sync"], check=True)
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, cwd=ROOT)
+    env = dict(
+        os.environ, ANSIBLE_LOCALHOST_WARNING="false", ANSIBLE_INVENTORY_UNPARSED_WARNING="false"
+    )
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, cwd=ROOT, env=env)
     stdout = proc.stdout.read()
     status, usage = os.wait4(proc.pid, 0)[1:]
     seconds = time.monotonic() - start
