@@ -289,9 +289,10 @@ def _send(engine, session, image, facts, options, progress, existing=False):
     return result
 
 
-def _verify(src, dst):
-    ours = _checksum.checksum(src)
-    theirs = dst.checksum(algorithm=ours["algorithm"], block_size=ours["block_size"])
+def _verify(local, disk):
+    """Compare a local endpoint's checksum with the one imageio computes for the disk."""
+    ours = _checksum.checksum(local)
+    theirs = disk.checksum(algorithm=ours["algorithm"], block_size=ours["block_size"])
     if ours["checksum"] != theirs["checksum"]:
         raise TransferError(
             "verification failed: the disk's checksum {} differs from the image's {}".format(

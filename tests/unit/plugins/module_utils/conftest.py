@@ -91,7 +91,7 @@ class Ticket:
 
     def remove(self):
         """Remove the ticket, as the engine does when finalizing."""
-        for _ in range(TICKET_REMOVE_ATTEMPTS):
+        for _round in range(TICKET_REMOVE_ATTEMPTS):
             if self.host.remove_ticket(self.id):
                 return
             time.sleep(0.1)

@@ -79,7 +79,7 @@ def qemu_img_compare(a, b, fmt_a=None, fmt_b=None):
         args += ["-f", fmt_a]
     if fmt_b:
         args += ["-F", fmt_b]
-    result = subprocess.run([*args, str(a), str(b)], capture_output=True, text=True)
+    result = subprocess.run([*args, str(a), str(b)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -294,7 +294,7 @@ def test_extents_base_allocation(tmp_path, nbd_servers, fmt):
         client.flush()
 
         extents = all_extents(client)
-        assert sum(length for length, _ in extents) == IMAGE_SIZE
+        assert sum(length for length, _flags in extents) == IMAGE_SIZE
         assert flags_at(extents, 0) == 0
         assert flags_at(extents, 1 * MiB - 1) == 0
         assert flags_at(extents, 1 * MiB) == NBD_STATE_HOLE | NBD_STATE_ZERO
@@ -306,7 +306,7 @@ def test_extents_base_allocation(tmp_path, nbd_servers, fmt):
         reply = client.extents(1 * MiB, 4 * KiB)
         assert list(reply) == [BASE_ALLOCATION]
         assert reply[BASE_ALLOCATION][0][1] == NBD_STATE_HOLE | NBD_STATE_ZERO
-        assert sum(length for length, _ in reply[BASE_ALLOCATION]) >= 4 * KiB
+        assert sum(length for length, _flags in reply[BASE_ALLOCATION]) >= 4 * KiB
 
     if fmt == "qcow2":
         # NBD reports every zero cluster as a hole; the image shows that the
@@ -431,7 +431,7 @@ def test_pipelined_writes_and_reads(tmp_path, nbd_servers):
         zero = client.submit_zero(0, size)
         client.wait(zero)
 
-        buffers = [bytearray(size) for _ in range(count)]
+        buffers = [bytearray(size) for _round in range(count)]
         reads = [client.submit_read(i * size, buffers[i]) for i in range(count)]
         for i in (5, 63, 0, 17):
             client.wait(reads[i])
@@ -502,7 +502,7 @@ def test_tls_round_trip(tmp_path, nbd_servers, tls_certs, transport):
     with Client(server.url, tls_certs=tls_certs.client) as client:
         assert client.tls
         client.write(1 * MiB, data)
-        buffers = [bytearray(64 * KiB) for _ in range(16)]
+        buffers = [bytearray(64 * KiB) for _round in range(16)]
         for i, buf in enumerate(buffers):
             client.submit_read(1 * MiB + i * 64 * KiB, buf)
         client.wait_all()
@@ -638,7 +638,7 @@ def test_nbdkit_sparse_random(tmp_path, nbd_servers):
 
 def _offsets(extents):
     offset = 0
-    for length, _ in extents:
+    for length, _flags in extents:
         yield offset, length
         offset += length
 
@@ -754,7 +754,7 @@ def test_nbdkit_delay_pipelining(nbd_servers):
         assert buf == pattern(0, 64 * KiB)
 
         # Sixteen slow reads in flight at once take about one delay.
-        buffers = [bytearray(64 * KiB) for _ in range(16)]
+        buffers = [bytearray(64 * KiB) for _round in range(16)]
         start = time.monotonic()
         handles = [client.submit_read(i * 64 * KiB, buffers[i]) for i in range(16)]
         for handle in reversed(handles):
@@ -771,7 +771,7 @@ def test_nbdkit_without_structured_replies(nbd_servers):
         assert not client.structured_replies
         assert client.contexts == {}
         client.write(0, pattern(1, 128 * KiB))
-        buffers = [bytearray(8 * KiB) for _ in range(16)]
+        buffers = [bytearray(8 * KiB) for _round in range(16)]
         for i, buf in enumerate(buffers):
             client.submit_read(i * 8 * KiB, buf)
         client.wait_all()
@@ -819,7 +819,7 @@ def test_zero_without_write_zeroes(tmp_path, nbd_servers):
             client.zero(0, 4 * KiB, fast=True)
         assert e.value.errno == _nbd.NBD_ENOTSUP
     # Zeros went out as 1 MiB writes.
-    assert [name for name, _ in requests_logged(log)] == ["Write"] * 4 + ["Read"]
+    assert [name for name, _flags in requests_logged(log)] == ["Write"] * 4 + ["Read"]
 
 
 def test_fast_zero(nbd_servers):
@@ -936,7 +936,7 @@ class MisbehavingServer:
         self.thread.start()
 
     def _serve(self):
-        conn, _ = self.listener.accept()
+        conn = self.listener.accept()[0]
         with conn:
             conn.sendall(self.send)
             if self.stall:
