@@ -625,7 +625,9 @@ def _qemu_img_info(filename) -> dict:
 
 def _run(cmd) -> str:
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False
+        )
     except FileNotFoundError:
         raise StorageError(f"{cmd[0]} not found: install qemu-utils") from None
     if proc.returncode != 0:

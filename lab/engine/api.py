@@ -1,0 +1,345 @@
+# Copyright: thinair.ovirt contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The REST resources under /ovirt-engine/api: routing, parameters, replies.
+
+Status codes are those the SDK expects (OVIRT-FACTS §1.4): GET 200, POST to a
+collection 201, PUT 200, DELETE 200 with ``<action>`` (a 204 would make the
+SDK fail), actions 200 with ``<action>``; a failed action answers its error
+status with the fault inside ``<action>``.
+"""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+
+from lab.engine import errors, search, xml
+from lab.engine.inventory import HOST_FIELDS
+
+# The engine's sub-collection names, matched as whole path segments.
+ID = r"(?P<id>[^/]+)"
+SUB = r"(?P<sub>[^/]+)"
+VERBS = "finalize|cancel|pause|resume|extend"
+
+
+class Reply:
+    def __init__(self, status: int, body: bytes = b"", content_type: str | None = None):
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.headers: dict[str, str] = {}
+
+
+def xml_reply(status: int, element: ET.Element) -> Reply:
+    return Reply(status, xml.render(element), "application/xml")
+
+
+def error_reply(error: errors.ApiError, in_action: bool = False) -> Reply:
+    if error.bare:
+        return Reply(error.status)
+    fault = xml.fault(error.reason, error.detail)
+    if in_action:
+        return xml_reply(error.status, xml.action("failed", failure=fault))
+    return xml_reply(error.status, fault)
+
+
+class Request:
+    def __init__(self, method: str, path: str, query: dict[str, str], body: bytes):
+        self.method = method
+        self.path = path
+        self.query = query
+        self.body = body
+        self.match: re.Match | None = None
+
+    def param(self, name: str) -> str:
+        assert self.match is not None
+        return self.match.group(name)
+
+    @property
+    def search(self) -> str | None:
+        return self.query.get("search")
+
+    @property
+    def case_sensitive(self) -> bool:
+        return _boolean(self.query.get("case_sensitive"), default=True)
+
+    @property
+    def max(self) -> int | None:
+        value = self.query.get("max")
+        if value is None or value == "":
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            raise errors.bad_request(f"Invalid max '{value}': expected an integer") from None
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self.query.get("correlation_id") or None
+
+
+class Api:
+    def __init__(self, engine):
+        self.engine = engine
+        self.routes = [
+            ("GET", "", self.root),
+            ("GET", "datacenters", self.list_data_centers),
+            ("GET", f"datacenters/{ID}", self.get_data_center),
+            ("GET", f"datacenters/{ID}/storagedomains", self.list_attached_domains),
+            ("GET", f"datacenters/{ID}/storagedomains/{SUB}", self.get_attached_domain),
+            ("GET", f"datacenters/{ID}/clusters", self.list_dc_clusters),
+            ("GET", "clusters", self.list_clusters),
+            ("GET", f"clusters/{ID}", self.get_cluster),
+            ("GET", "hosts", self.list_hosts),
+            ("GET", f"hosts/{ID}", self.get_host),
+            ("GET", "storagedomains", self.list_storage_domains),
+            ("GET", f"storagedomains/{ID}", self.get_storage_domain),
+            ("GET", f"storagedomains/{ID}/disks", self.list_domain_disks),
+            ("GET", f"storagedomains/{ID}/disks/{SUB}", self.get_domain_disk),
+            ("GET", f"storagedomains/{ID}/disksnapshots", self.list_domain_snapshots),
+            ("GET", "disks", self.list_disks),
+            ("POST", "disks", self.add_disk),
+            ("GET", f"disks/{ID}", self.get_disk),
+            ("PUT", f"disks/{ID}", self.update_disk),
+            ("DELETE", f"disks/{ID}", self.remove_disk),
+            ("GET", f"disks/{ID}/disksnapshots", self.list_disk_snapshots),
+            ("GET", f"disks/{ID}/disksnapshots/{SUB}", self.get_disk_snapshot),
+            ("GET", "imagetransfers", self.list_transfers),
+            ("POST", "imagetransfers", self.add_transfer),
+            ("GET", f"imagetransfers/{ID}", self.get_transfer),
+            ("POST", f"imagetransfers/{ID}/(?P<verb>{VERBS})", self.transfer_action),
+            ("GET", "jobs", self.list_jobs),
+            ("GET", f"jobs/{ID}", self.get_job),
+            ("GET", f"jobs/{ID}/steps", self.list_job_steps),
+        ]
+        self._compiled = [
+            (method, re.compile(pattern + r"/?\Z"), handler)
+            for method, pattern, handler in self.routes
+        ]
+
+    def dispatch(self, request: Request) -> Reply:
+        """Answer a request whose path is relative to the API root."""
+        allowed = False
+        for method, pattern, handler in self._compiled:
+            match = pattern.match(request.path)
+            if match is None:
+                continue
+            allowed = True
+            if method != request.method:
+                continue
+            request.match = match
+            in_action = request.method == "POST" and "verb" in pattern.groupindex
+            try:
+                return handler(request)
+            except errors.ApiError as e:
+                return error_reply(e, in_action)
+        if allowed:
+            return Reply(errors.METHOD_NOT_ALLOWED)
+        return Reply(errors.NOT_FOUND)
+
+    # API root.
+
+    def root(self, request: Request) -> Reply:
+        engine = self.engine
+        summary = engine.inventory.summary()
+        disks = engine.db.one("SELECT COUNT(*) AS n FROM disks")["n"]
+        summary["disks"] = (disks, None)
+        return xml_reply(200, xml.api(summary, engine.user, engine.instance_id))
+
+    # Data centers and clusters.
+
+    def list_data_centers(self, request: Request) -> Reply:
+        inventory = self.engine.inventory
+        items = self._select(
+            request, inventory.data_centers(), inventory.data_center_fields(), "datacenters"
+        )
+        return xml_reply(200, xml.collection("data_centers", [xml.data_center(d) for d in items]))
+
+    def get_data_center(self, request: Request) -> Reply:
+        return xml_reply(
+            200, xml.data_center(self.engine.inventory.data_center(request.param("id")))
+        )
+
+    def list_attached_domains(self, request: Request) -> Reply:
+        inventory = self.engine.inventory
+        dc = inventory.data_center(request.param("id"))
+        items = [
+            inventory.render_storage_domain(sd, dc["id"])
+            for sd in inventory.storage_domains(dc["id"])
+        ]
+        return xml_reply(200, xml.collection("storage_domains", items))
+
+    def get_attached_domain(self, request: Request) -> Reply:
+        inventory = self.engine.inventory
+        dc = inventory.data_center(request.param("id"))
+        sd = inventory.storage_domain(request.param("sub"))
+        if sd["data_center_id"] != dc["id"]:
+            raise errors.not_found()
+        return xml_reply(200, inventory.render_storage_domain(sd, dc["id"]))
+
+    def list_dc_clusters(self, request: Request) -> Reply:
+        inventory = self.engine.inventory
+        dc = inventory.data_center(request.param("id"))
+        items = [xml.cluster(c) for c in inventory.clusters(dc["id"])]
+        return xml_reply(200, xml.collection("clusters", items))
+
+    def list_clusters(self, request: Request) -> Reply:
+        inventory = self.engine.inventory
+        items = self._select(request, inventory.clusters(), inventory.cluster_fields(), "clusters")
+        return xml_reply(200, xml.collection("clusters", [xml.cluster(c) for c in items]))
+
+    def get_cluster(self, request: Request) -> Reply:
+        return xml_reply(200, xml.cluster(self.engine.inventory.cluster(request.param("id"))))
+
+    # Hosts.
+
+    def list_hosts(self, request: Request) -> Reply:
+        items = self._select(request, self.engine.inventory.hosts(), HOST_FIELDS, "hosts")
+        return xml_reply(200, xml.collection("hosts", [xml.host(h) for h in items]))
+
+    def get_host(self, request: Request) -> Reply:
+        return xml_reply(200, xml.host(self.engine.inventory.host_row(request.param("id"))))
+
+    # Storage domains.
+
+    def list_storage_domains(self, request: Request) -> Reply:
+        inventory = self.engine.inventory
+        items = self._select(
+            request,
+            inventory.storage_domains(),
+            inventory.storage_domain_fields(),
+            "storagedomains",
+        )
+        rendered = [inventory.render_storage_domain(sd) for sd in items]
+        return xml_reply(200, xml.collection("storage_domains", rendered))
+
+    def get_storage_domain(self, request: Request) -> Reply:
+        inventory = self.engine.inventory
+        sd = inventory.storage_domain(request.param("id"))
+        return xml_reply(200, inventory.render_storage_domain(sd))
+
+    def list_domain_disks(self, request: Request) -> Reply:
+        sd = self.engine.inventory.storage_domain(request.param("id"))
+        disks = self.engine.disks
+        items = disks.list(request.search, request.case_sensitive, request.max, sd["id"])
+        return xml_reply(200, xml.collection("disks", [disks.render(d) for d in items]))
+
+    def get_domain_disk(self, request: Request) -> Reply:
+        sd = self.engine.inventory.storage_domain(request.param("id"))
+        disk = self.engine.disks.get(request.param("sub"))
+        if disk["storage_domain_id"] != sd["id"]:
+            raise errors.not_found()
+        return xml_reply(200, self.engine.disks.render(disk))
+
+    def list_domain_snapshots(self, request: Request) -> Reply:
+        sd = self.engine.inventory.storage_domain(request.param("id"))
+        disks = self.engine.disks
+        parent = xml.href("storagedomains", sd["id"], "disksnapshots")
+        items = disks.snapshots(None, sd["id"], _include_active(request))
+        rendered = [disks.render_snapshot(d, parent) for d in items]
+        return xml_reply(200, xml.collection("disk_snapshots", rendered))
+
+    # Disks.
+
+    def list_disks(self, request: Request) -> Reply:
+        disks = self.engine.disks
+        items = disks.list(request.search, request.case_sensitive, request.max)
+        return xml_reply(200, xml.collection("disks", [disks.render(d) for d in items]))
+
+    def add_disk(self, request: Request) -> Reply:
+        node = xml.parse(request.body, "disk")
+        disks = self.engine.disks
+        disk = disks.add(node, request.correlation_id)
+        reply = xml_reply(201, disks.render(disk))
+        reply.headers["Location"] = xml.href("disks", disk["id"])
+        return reply
+
+    def get_disk(self, request: Request) -> Reply:
+        disks = self.engine.disks
+        return xml_reply(200, disks.render(disks.get(request.param("id"))))
+
+    def update_disk(self, request: Request) -> Reply:
+        node = xml.parse(request.body, "disk")
+        disks = self.engine.disks
+        disk = disks.update(request.param("id"), node, request.correlation_id)
+        return xml_reply(200, disks.render(disk))
+
+    def remove_disk(self, request: Request) -> Reply:
+        job_id = self.engine.disks.remove(request.param("id"), request.correlation_id)
+        return xml_reply(200, xml.action("complete", job_id))
+
+    def list_disk_snapshots(self, request: Request) -> Reply:
+        disks = self.engine.disks
+        disk_id = request.param("id")
+        parent = xml.href("disks", disk_id, "disksnapshots")
+        items = disks.snapshots(disk_id, None, _include_active(request))
+        rendered = [disks.render_snapshot(d, parent) for d in items]
+        return xml_reply(200, xml.collection("disk_snapshots", rendered))
+
+    def get_disk_snapshot(self, request: Request) -> Reply:
+        disks = self.engine.disks
+        disk = disks.get(request.param("id"))
+        if disk["image_id"] != request.param("sub"):
+            raise errors.not_found()
+        parent = xml.href("disks", disk["id"], "disksnapshots")
+        return xml_reply(200, disks.render_snapshot(disk, parent))
+
+    # Image transfers.
+
+    def list_transfers(self, request: Request) -> Reply:
+        transfers = self.engine.transfers
+        items = [transfers.render(t) for t in transfers.list()]
+        return xml_reply(200, xml.collection("image_transfers", items))
+
+    def add_transfer(self, request: Request) -> Reply:
+        node = xml.parse(request.body, "image_transfer")
+        transfers = self.engine.transfers
+        transfer = transfers.add(node, request.correlation_id)
+        reply = xml_reply(201, transfers.render(transfer))
+        reply.headers["Location"] = xml.href("imagetransfers", transfer["id"])
+        return reply
+
+    def get_transfer(self, request: Request) -> Reply:
+        transfers = self.engine.transfers
+        return xml_reply(200, transfers.render(transfers.get(request.param("id"))))
+
+    def transfer_action(self, request: Request) -> Reply:
+        if request.body.strip():
+            xml.parse(request.body, "action")
+        self.engine.transfers.act(request.param("id"), request.param("verb"))
+        return xml_reply(200, xml.action("complete"))
+
+    # Jobs.
+
+    def list_jobs(self, request: Request) -> Reply:
+        jobs = self.engine.jobs.list(request.search, request.case_sensitive, request.max)
+        return xml_reply(200, xml.collection("jobs", [xml.job(j) for j in jobs]))
+
+    def get_job(self, request: Request) -> Reply:
+        return xml_reply(200, xml.job(self.engine.jobs.get(request.param("id"))))
+
+    def list_job_steps(self, request: Request) -> Reply:
+        self.engine.jobs.get(request.param("id"))
+        return xml_reply(200, ET.Element("steps"))
+
+    # Private helpers.
+
+    def _select(self, request: Request, items, fields, collection) -> list:
+        return search.select(
+            items, request.search, fields, collection, request.case_sensitive, request.max
+        )
+
+
+def _boolean(value: str | None, default: bool) -> bool:
+    if value is None or value == "":
+        return default
+    lowered = value.lower()
+    if lowered in ("true", "1"):
+        return True
+    if lowered in ("false", "0"):
+        return False
+    raise errors.bad_request(f"Invalid boolean '{value}': expected true or false")
+
+
+def _include_active(request: Request) -> bool:
+    return _boolean(request.query.get("include_active"), default=False)
