@@ -65,7 +65,8 @@ demo: setup
 	$(VENV)/bin/ansible-playbook playbooks/demo.yml
 
 bench: setup
-	$(PY) bench/run.py
+	$(PY) bench/run.py copy
+	$(PY) bench/run.py transfer
 
 clean:
 	rm -rf $(VENV) .collections .cache
