@@ -8,7 +8,7 @@ COLLECTION_LINK := .collections/ansible_collections/thinair/ovirt
 SYSTEM_PACKAGES := qemu-utils qemu-system-x86 nbdkit gcc libxml2-dev libcurl4-openssl-dev libssl-dev openssl
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: setup system-packages test lint sanity unit integration demo bench clean
+.PHONY: setup system-packages test lint sanity unit integration molecule demo bench clean
 
 setup: $(STAMP) $(COLLECTION_LINK)
 
@@ -32,7 +32,7 @@ $(COLLECTION_LINK):
 	mkdir -p $(dir $@)
 	ln -sfn ../../.. $@
 
-test: setup lint sanity unit integration
+test: setup lint sanity unit integration molecule
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -60,6 +60,10 @@ unit: setup
 # The lab's own tests, then the modules run with ansible-playbook.
 integration: setup
 	$(PYTEST) tests/lab tests/integration
+
+# Every scenario under extensions/molecule, each against its own lab.
+molecule: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/molecule test --all
 
 demo: setup
 	$(VENV)/bin/ansible-playbook playbooks/demo.yml
