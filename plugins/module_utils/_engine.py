@@ -130,7 +130,8 @@ class Engine:
 
     def _explain(self, e):
         text = fault_text(e)
-        if "SSL certificate problem" in text or "certificate verify failed" in text:
+        # libcurl's words for CURLE_PEER_FAILED_VERIFICATION vary by version.
+        if "SSL certificate" in text or "certificate verify failed" in text:
             return (
                 f"the certificate of {self.url} is not trusted ({text}); set auth.ca_file to "
                 "the engine's CA (https://ENGINE/ovirt-engine/services/pki-resource"
@@ -232,10 +233,16 @@ class Engine:
                 )
             deadline.sleep()
 
-    def remove_disk(self, disk_id):
+    def remove_disk(self, disk_id, timeout=300):
+        """Remove a disk and wait until the engine no longer lists it."""
         service = self.system.disks_service().disk_service(disk_id)
         with contextlib.suppress(sdk.NotFoundError):
             self.call(service.remove, what=f"remove disk {disk_id}")
+        deadline = self.deadline(timeout)
+        while self.get_disk(disk_id) is not None:
+            if deadline.expired():
+                raise EngineError(f"disk {disk_id} is still there {timeout} s after its removal")
+            deadline.sleep()
 
     # Image transfers
 
@@ -247,8 +254,13 @@ class Engine:
         inactivity_timeout=None,
         timeout_policy="cancel",
         host_id=None,
+        keep_disk=False,
     ):
-        """Create an image transfer and wait until it is transferring; return it."""
+        """Create an image transfer and wait until it is transferring; return it.
+
+        A transfer that does not start is undone (see undo_transfer) before
+        the error is raised; keep_disk as there.
+        """
         transfer = types.ImageTransfer(
             disk=types.Disk(id=disk_id) if disk_id and not snapshot_id else None,
             snapshot=types.DiskSnapshot(id=snapshot_id) if snapshot_id else None,
@@ -270,16 +282,18 @@ class Engine:
         while True:
             if transfer.phase == types.ImageTransferPhase.TRANSFERRING:
                 return transfer
+            failure = None
             if transfer.phase != types.ImageTransferPhase.INITIALIZING:
-                self.cancel_transfer(transfer.id)
-                raise EngineError(
-                    f"cannot start the {direction}: transfer {transfer.id} is {transfer.phase}"
-                )
-            if deadline.expired():
-                self.cancel_transfer(transfer.id)
-                raise EngineError(
-                    f"cannot start the {direction}: transfer {transfer.id} did not start in time"
-                )
+                failure = f"transfer {transfer.id} is {transfer.phase}"
+            elif deadline.expired():
+                failure = f"transfer {transfer.id} did not start in time"
+            if failure is not None:
+                failure = f"cannot start the {direction}: {failure}"
+                try:
+                    self.undo_transfer(transfer.id, direction, disk_id, keep_disk=keep_disk)
+                except EngineError as e:
+                    failure += f"; then undoing it failed: {e}"
+                raise EngineError(failure)
             deadline.sleep()
             try:
                 transfer = self.call(service.get, what=f"watch transfer {transfer.id}")
@@ -310,13 +324,56 @@ class Engine:
             raise EngineError(f"host '{name}' not found")
         return found[0]
 
-    def cancel_transfer(self, transfer_id):
+    def undo_transfer(self, transfer_id, direction, disk_id, keep_disk=False, timeout=300):
+        """End a transfer that failed, and wait until the engine is done with it.
+
+        The transfer of an upload to a new disk is cancelled: the engine then
+        removes the disk, as nothing of it is worth keeping. Any other
+        transfer is finalized, which keeps the disk: a download's, or an
+        upload's to a disk the user made (keep_disk), since the engine removes
+        the disk of any cancelled upload.
+        """
+        if direction == "upload" and not keep_disk:
+            self.cancel_transfer(transfer_id, disk_id, timeout=timeout)
+        else:
+            # A download the engine stopped by itself (finished_failure)
+            # still leaves the disk as it was.
+            self.finalize_transfer(
+                transfer_id,
+                disk_id,
+                timeout=timeout,
+                direction=direction,
+                failure_ok=direction == "download",
+            )
+
+    def cancel_transfer(self, transfer_id, disk_id=None, timeout=300):
+        """Cancel, and wait until the transfer has ended and, for an upload,
+        the engine has removed the disk (disk_id)."""
         service = self.system.image_transfers_service().image_transfer_service(transfer_id)
         with contextlib.suppress(sdk.NotFoundError):
             self.call(service.cancel, what=f"cancel transfer {transfer_id}")
+        deadline = self.deadline(timeout)
+        while True:
+            transfer = self.transfer(transfer_id)
+            ended = transfer is None or transfer.phase in (
+                types.ImageTransferPhase.FINISHED_FAILURE,
+                types.ImageTransferPhase.FINISHED_SUCCESS,
+            )
+            if ended and (disk_id is None or self.get_disk(disk_id) is None):
+                return
+            if deadline.expired():
+                left = f"disk {disk_id} is still there" if ended else f"it is {transfer.phase}"
+                raise EngineError(f"cancelled transfer {transfer_id}, but after {timeout} s {left}")
+            deadline.sleep()
 
-    def finalize_transfer(self, transfer_id, disk_id, timeout=300):
-        """Finalize and wait until the engine is done with the transfer and the disk."""
+    def finalize_transfer(
+        self, transfer_id, disk_id, timeout=300, direction="upload", failure_ok=False
+    ):
+        """Finalize and wait until the engine is done with the transfer and the disk.
+
+        failure_ok: a transfer that ends in finished_failure is not an error,
+        if the disk is OK.
+        """
         service = self.system.image_transfers_service().image_transfer_service(transfer_id)
         self.call(service.finalize, what=f"finalize transfer {transfer_id}")
         deadline = self.deadline(timeout)
@@ -336,13 +393,19 @@ class Engine:
                     raise EngineError(
                         f"finalizing transfer {transfer_id} failed: disk {disk_id} is illegal"
                     )
-            elif transfer.phase == types.ImageTransferPhase.FINISHED_SUCCESS:
+            elif transfer.phase == types.ImageTransferPhase.FINISHED_SUCCESS or (
+                failure_ok and transfer.phase == types.ImageTransferPhase.FINISHED_FAILURE
+            ):
                 self.wait_disk_ok(disk_id, what=f"finalize transfer {transfer_id}", timeout=timeout)
                 return
             elif transfer.phase == types.ImageTransferPhase.FINISHED_FAILURE:
+                why = (
+                    "the engine could not verify the disk"
+                    if direction == "upload"
+                    else "the engine had stopped it"
+                )
                 raise EngineError(
-                    f"finalizing transfer {transfer_id} failed: the engine could not verify the "
-                    "disk (see the engine's events)"
+                    f"finalizing transfer {transfer_id} failed: {why} (see the engine's events)"
                 )
             if deadline.expired():
                 raise EngineError(f"transfer {transfer_id} did not finish within {timeout} s")

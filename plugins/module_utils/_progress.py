@@ -5,9 +5,9 @@
 
 An Ansible module cannot print while it runs: its output is one JSON
 document at the end. So a module started with ``async`` writes its progress
-to a file, and the role that started it reads the file between polls of
-``async_status`` and prints a line (see docs/progress.md). The record is
-replaced atomically, so a reader never sees half of it.
+to a file, and the role that started it reads that file, with the async job's
+own record, and prints a line per running disk (see docs/progress.md). The
+record is replaced atomically, so a reader never sees half of it.
 """
 
 from __future__ import annotations

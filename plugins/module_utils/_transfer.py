@@ -30,6 +30,9 @@ from ansible_collections.thinair.ovirt.plugins.module_utils import (
 
 MiB = 1024**2
 
+# HTTP status of a failure inside imageio (RFC 9110 15.6.1).
+INTERNAL_SERVER_ERROR = 500
+
 
 class TransferError(Exception):
     """The upload or download failed; what was made has been undone."""
@@ -103,12 +106,28 @@ def disk_result(disk, storage_domain=None):
 
 
 class _Session:
-    """An image transfer of one disk and the imageio endpoint reaching it."""
+    """An image transfer of one disk and the imageio endpoint reaching it.
 
-    def __init__(self, engine, options, disk_id, direction, snapshot_id=None, is_zero=False):
+    Used as a context manager: a block that ends well finalizes the
+    transfer; one that fails undoes it (see _engine.Engine.undo_transfer),
+    cancelling the upload to a new disk and finalizing anything else, so a
+    disk the user made (keep_disk) is never removed.
+    """
+
+    def __init__(
+        self,
+        engine,
+        options,
+        disk_id,
+        direction,
+        snapshot_id=None,
+        is_zero=False,
+        keep_disk=False,
+    ):
         self.engine = engine
-        self.options = options
         self.disk_id = disk_id
+        self.direction = direction
+        self.keep_disk = keep_disk
         self.transfer = engine.start_transfer(
             disk_id=disk_id,
             snapshot_id=snapshot_id,
@@ -116,22 +135,46 @@ class _Session:
             inactivity_timeout=options.get("inactivity_timeout"),
             timeout_policy=options.get("timeout_policy", "cancel"),
             host_id=options.get("host_id"),
+            keep_disk=keep_disk,
         )
         try:
             self.endpoint = _open_imageio(self.transfer, options, is_zero)
-        except BaseException:
-            self.abort(direction)
+        except BaseException as e:
+            _undo(e, self._abort)
             raise
 
-    def abort(self, direction):
-        """Undo: cancel an upload (the engine drops what it wrote), finalize a download."""
-        if direction == "upload":
-            self.engine.cancel_transfer(self.transfer.id)
-        else:
-            self.engine.finalize_transfer(self.transfer.id, self.disk_id)
+    def __enter__(self):
+        return self
 
-    def close(self):
+    def __exit__(self, exc_type, exc, tb):
         self.endpoint.close()
+        if exc is None:
+            self.engine.finalize_transfer(self.transfer.id, self.disk_id, direction=self.direction)
+        else:
+            _undo(exc, self._abort)
+
+    def result(self, stats):
+        """What moved, and how imageio was reached, for the module result."""
+        result = stats.as_dict()
+        endpoint = self.endpoint
+        # With proxy=always the proxy is the only URL the endpoint knows.
+        proxy = endpoint.url == self.transfer.proxy_url
+        result["endpoint"] = _imageio.USED_PROXY if proxy else endpoint.used
+        result["url"] = endpoint.url
+        return result
+
+    def _abort(self):
+        self.engine.undo_transfer(
+            self.transfer.id, self.direction, self.disk_id, keep_disk=self.keep_disk
+        )
+
+
+def _undo(error, undo):
+    """Run undo() while error is on its way up; a failed undo joins its message."""
+    try:
+        undo()
+    except FAILURES as e:
+        raise TransferError(f"{error}; then undoing it failed: {e}") from error
 
 
 def _open_imageio(transfer, options, is_zero):
@@ -153,21 +196,45 @@ def _open_imageio(transfer, options, is_zero):
     )
 
 
-def transfer_result(stats, endpoint):
-    result = stats.as_dict()
-    result["endpoint"] = endpoint.used
-    result["url"] = endpoint.url
-    return result
+class _ZeroPadded:
+    """An image read as size bytes: its own bytes, then zeros.
+
+    A disk may be larger than the image put on it: an existing disk, or a raw
+    disk on block storage, whose size is whole extents. Its guest then sees
+    the image followed by zeros, and so must the copy and the checksums.
+    """
+
+    def __init__(self, endpoint, size):
+        self._endpoint = endpoint
+        self.size = size
+        self.is_zero = endpoint.is_zero
+        self.max_connections = endpoint.max_connections
+        self.max_request = endpoint.max_request
+
+    def clone(self):
+        return _ZeroPadded(self._endpoint.clone(), self.size)
+
+    def extents(self, offset=0, length=None):
+        end = self.size if length is None else offset + length
+        image_end = self._endpoint.size
+        if offset < image_end:
+            yield from self._endpoint.extents(offset, min(end, image_end) - offset)
+        start = max(offset, image_end)
+        if start < end:
+            yield _copy.Extent(start, end - start, True, True)
+
+    def readinto(self, offset, buf):
+        # Only data extents are read, and all of them lie in the image.
+        self._endpoint.readinto(offset, buf)
+
+    def close(self):
+        self._endpoint.close()
 
 
 def checksum_disk(engine, disk_id, options, snapshot_id=None):
     """The imageio checksum of a disk, through a short download transfer."""
-    session = _Session(engine, options, disk_id, "download", snapshot_id=snapshot_id)
-    try:
+    with _Session(engine, options, disk_id, "download", snapshot_id=snapshot_id) as session:
         return session.endpoint.checksum()
-    finally:
-        session.close()
-        engine.finalize_transfer(session.transfer.id, disk_id)
 
 
 def upload(engine, options, progress, check_mode=False):
@@ -203,6 +270,13 @@ def upload(engine, options, progress, check_mode=False):
     if check_mode:
         return result
 
+    full_volume = None
+    if "initial_size" in spec and storage_type in _plan.BLOCK_STORAGE_TYPES:
+        full_volume = (
+            f"the volume of disk {name} on block storage domain {sd.name} has room for the "
+            f"{spec['initial_size']} bytes qemu-img measure gave for the image, and does not "
+            "grow during an upload: did the image change after it was measured?"
+        )
     progress.set_phase("creating disk")
     disk = engine.create_disk(
         spec,
@@ -215,12 +289,11 @@ def upload(engine, options, progress, check_mode=False):
     is_zero = spec["format"] == "cow" or spec["sparse"]
     try:
         session = _Session(engine, options, disk.id, "upload", is_zero=is_zero)
-    except BaseException:
-        engine.remove_disk(disk.id)
+    except BaseException as e:
+        _undo(e, lambda: engine.remove_disk(disk.id))
         raise
-    stats = _send(engine, session, image, facts, options, progress)
-    disk = engine.get_disk(disk.id)
-    result["disk"] = disk_result(disk, sd.name)
+    stats = _send(session, image, facts, options, progress, full_volume)
+    result["disk"] = disk_result(engine.get_disk(disk.id), sd.name)
     result["transfer"] = stats
     return result
 
@@ -232,61 +305,86 @@ def _upload_existing(engine, options, progress, facts, disk, check_mode):
             f"the image is {facts['virtual_size']} bytes but disk {name} ({disk.id}) holds only "
             f"{disk.provisioned_size} bytes; extend the disk or upload to a new one"
         )
+    sd = _domain(engine, disk)
     result = {"changed": True, "plan": {"disk_id": disk.id, "name": name, "existing": True}}
     if not options.get("force"):
         progress.set_phase("comparing checksums")
         with _image.open_endpoint(options["image"], facts["format"]) as src:
-            source_sum = _checksum.checksum(src)
+            source_sum = _checksum.checksum(_ZeroPadded(src, disk.provisioned_size))
         if checksum_disk(engine, disk.id, options) == source_sum:
             result["changed"] = False
-            result["disk"] = disk_result(disk, _domain_name(engine, disk))
+            result["disk"] = disk_result(disk, sd.name if sd else None)
             return result
     if check_mode:
         return result
-    session = _Session(engine, options, disk.id, "upload", is_zero=False)
-    stats = _send(engine, session, options["image"], facts, options, progress, existing=True)
-    result["disk"] = disk_result(engine.get_disk(disk.id), _domain_name(engine, disk))
+    session = _Session(engine, options, disk.id, "upload", is_zero=False, keep_disk=True)
+    stats = _send(
+        session,
+        options["image"],
+        facts,
+        options,
+        progress,
+        _full_volume(disk, sd, facts["measure"]["qcow2"]["required"]),
+    )
+    result["disk"] = disk_result(engine.get_disk(disk.id), sd.name if sd else None)
     result["transfer"] = stats
     return result
 
 
-def _send(engine, session, image, facts, options, progress, existing=False):
-    """Copy the image into the transfer, verify, finalize; undo on failure."""
-    try:
+def _full_volume(disk, sd, required):
+    """Why an existing disk may be too small for the image on block storage."""
+    block = sd is not None and sd.storage is not None
+    block = block and str(sd.storage.type) in _plan.BLOCK_STORAGE_TYPES
+    cow = disk.format is not None and str(disk.format) == "cow"
+    if not (block and cow and disk.sparse and disk.actual_size is not None):
+        return None
+    if disk.actual_size >= required:
+        return None
+    return (
+        f"disk {disk.alias or disk.name} ({disk.id}) is a sparse qcow2 disk on block storage "
+        f"domain {sd.name}, whose volume has room for {disk.actual_size} bytes and does not grow "
+        f"during an upload, but the image needs up to {required} bytes (qemu-img measure); "
+        "upload it to a new disk, which gets a volume of that size"
+    )
+
+
+def _send(session, image, facts, options, progress, full_volume=None):
+    """Copy the image into the transfer, verify, finalize; undo on failure.
+
+    full_volume: what to tell when imageio fails to write, if the disk's
+    volume may be full.
+    """
+    with session:
         with _image.open_endpoint(image, facts["format"]) as src:
             dst = session.endpoint
             if dst.size < src.size:
                 raise TransferError(
                     f"the image is {src.size} bytes but the disk holds only {dst.size} bytes"
                 )
+            if dst.size > src.size:
+                src = _ZeroPadded(src, dst.size)
             progress.set_phase("uploading", size=src.size)
-            stats = _copy.copy(
-                src,
-                dst,
-                workers=options.get("workers", _copy.DEFAULT_WORKERS),
-                request_size=options.get("request_size", _copy.DEFAULT_REQUEST_SIZE),
-                progress=progress.update,
-            )
+            try:
+                stats = _copy.copy(
+                    src,
+                    dst,
+                    workers=options.get("workers", _copy.DEFAULT_WORKERS),
+                    request_size=options.get("request_size", _copy.DEFAULT_REQUEST_SIZE),
+                    progress=progress.update,
+                )
+            except _imageio.Error as e:
+                # imageio says no more than "Server failed" when a volume is full.
+                if e.status == INTERNAL_SERVER_ERROR and full_volume:
+                    raise TransferError(
+                        f"{e}; imageio answers so when the volume is full: {full_volume}"
+                    ) from e
+                raise
             if options.get("verify"):
                 progress.set_phase("verifying")
                 _verify(src, dst)
-        session.close()
-    except BaseException:
-        session.close()
-        if existing:
-            # Cancelling would make the engine delete the user's disk; keep it.
-            engine.finalize_transfer(session.transfer.id, session.disk_id)
-        else:
-            session.abort("upload")
-        raise
-    progress.set_phase("finalizing")
-    try:
-        engine.finalize_transfer(session.transfer.id, session.disk_id)
-    except _engine.EngineError as e:
-        raise TransferError(str(e)) from e
-    result = transfer_result(stats, session.endpoint)
+        progress.set_phase("finalizing")
     progress.set_phase("done")
-    return result
+    return session.result(stats)
 
 
 def _verify(local, disk):
@@ -316,8 +414,13 @@ def download(engine, options, progress, check_mode=False):
         raise TransferError(f"cannot write {dest}: it is a directory")
     fmt = options.get("format", "qcow2")
     snapshot_id = options.get("snapshot_id")
-    sd_name = _domain_name(engine, disk)
-    result = {"changed": True, "disk": disk_result(disk, sd_name), "dest": dest, "format": fmt}
+    sd = _domain(engine, disk)
+    result = {
+        "changed": True,
+        "disk": disk_result(disk, sd.name if sd else None),
+        "dest": dest,
+        "format": fmt,
+    }
 
     if os.path.exists(dest) and not options.get("force"):
         progress.set_phase("comparing checksums")
@@ -329,45 +432,47 @@ def download(engine, options, progress, check_mode=False):
     if check_mode:
         return result
 
-    session = _Session(engine, options, disk.id, "download", snapshot_id=snapshot_id)
-    tmp = None
+    # The image is written beside dest and takes its name only when the
+    # transfer has been finalized, so dest is never half written.
     try:
-        src = session.endpoint
         fd, tmp = tempfile.mkstemp(
             dir=directory, prefix=f".{os.path.basename(dest)}.", suffix=".part"
         )
-        os.close(fd)
-        with _image.create_endpoint(tmp, fmt, src.size) as dst:
-            progress.set_phase("downloading", size=src.size)
-            stats = _copy.copy(
-                src,
-                dst,
-                workers=options.get("workers", _copy.DEFAULT_WORKERS),
-                request_size=options.get("request_size", _copy.DEFAULT_REQUEST_SIZE),
-                progress=progress.update,
-            )
-            if options.get("verify"):
-                progress.set_phase("verifying")
-                _verify(dst, src)
+    except OSError as e:
+        raise TransferError(f"cannot write {dest}: {e.strerror}") from e
+    os.close(fd)
+    try:
+        with _Session(engine, options, disk.id, "download", snapshot_id=snapshot_id) as session:
+            src = session.endpoint
+            with _image.create_endpoint(tmp, fmt, src.size) as dst:
+                progress.set_phase("downloading", size=src.size)
+                stats = _copy.copy(
+                    src,
+                    dst,
+                    workers=options.get("workers", _copy.DEFAULT_WORKERS),
+                    request_size=options.get("request_size", _copy.DEFAULT_REQUEST_SIZE),
+                    progress=progress.update,
+                )
+                if options.get("verify"):
+                    progress.set_phase("verifying")
+                    _verify(dst, src)
+            progress.set_phase("finalizing")
         os.chmod(tmp, 0o644)
         os.replace(tmp, dest)
-        tmp = None
-        result["transfer"] = transfer_result(stats, src)
-    finally:
-        if tmp is not None and os.path.exists(tmp):
+    except BaseException:
+        if os.path.exists(tmp):
             os.unlink(tmp)
-        session.close()
-        progress.set_phase("finalizing")
-        engine.finalize_transfer(session.transfer.id, disk.id)
+        raise
+    result["transfer"] = session.result(stats)
     progress.set_phase("done")
     return result
 
 
-def _domain_name(engine, disk):
+def _domain(engine, disk):
+    """The storage domain of a disk, or None for a disk on none."""
     if not disk.storage_domains:
         return None
-    sd = disk.storage_domains[0]
-    return sd.name or engine.storage_domain_by_id(sd.id).name
+    return engine.storage_domain_by_id(disk.storage_domains[0].id)
 
 
 def _default_name(image):

@@ -16,8 +16,9 @@ description:
     when it runs on the transfer host, and through the engine's imageio proxy when the host cannot
     be reached.
   - Writes to a hidden temporary file beside I(dest) and renames it only when the download is
-    complete, so I(dest) is never half written. The transfer is always finalized, also on failure,
-    so the disk is never left locked.
+    complete and the transfer finalized, so I(dest) is never half written, and is left as it was
+    when the download fails. The transfer is always finalized, also on failure, and the module
+    returns only once the engine is done with it, so the disk is never left locked.
   - Idempotent. An existing I(dest) that holds the disk's data, compared by checksum, is left
     alone (C(changed=false)) unless I(force=true).
 extends_documentation_fragment:

@@ -22,8 +22,13 @@ description:
     engine's imageio proxy when the host cannot be reached.
   - Idempotent. An existing disk (by I(disk_id) or I(name)) that already holds the image's data,
     compared by checksum, is left alone (C(changed=false)) unless I(force=true).
-  - On failure nothing is left behind. The transfer of a new disk is cancelled and the engine
-    removes the disk. An existing disk is kept, but may hold part of the new data.
+  - A disk larger than the image (an existing disk, or a raw disk on block storage, whose size is
+    rounded up to whole extents) reads as the image followed by zeros; the upload writes those
+    zeros into an existing disk, and the checksum comparison expects them.
+  - On failure nothing is left behind, and the module returns only once the engine is done. The
+    transfer of a new disk is cancelled and the engine removes the disk. The transfer of an
+    existing disk is finalized instead, since the engine removes the disk of any cancelled upload;
+    the disk is kept, but may hold part of the new data.
   - For progress while it runs, start it with C(async) and give I(progress_file); the
     C(thinair.ovirt.upload_disk) role does that and prints progress lines.
 extends_documentation_fragment:
@@ -137,7 +142,8 @@ disk:
            "storage_domain": "iscsi1", "description": "Uploaded by thinair.ovirt"}
 transfer:
   description:
-    - What moved. C(endpoint) is C(unix) (imageio's local socket), C(host) or C(proxy).
+    - What moved. C(bytes) is the size of the disk. C(endpoint) is C(unix) (imageio's local
+      socket), C(host) or C(proxy).
   returned: when data was uploaded
   type: dict
   sample: {"bytes": 6442450944, "data_bytes": 1610612736, "zero_bytes": 4831838208,

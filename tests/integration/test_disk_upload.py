@@ -1,0 +1,930 @@
+# Copyright: thinair.ovirt contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+"""thinair.ovirt.disk_upload run by ansible-playbook against the lab.
+
+Every upload is read back with disk_download and compared with the source by
+qemu-img compare. Every failure is checked to leave nothing behind: no new
+disk, no image transfer in a non-final phase, no qemu-nbd serving our files
+(on the node or on the host), no temporary file or socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import http.server
+import json
+import os
+import random
+import re
+import socket
+import ssl
+import struct
+import subprocess
+import threading
+import time
+import urllib.parse
+import uuid
+
+import ovirtsdk4.types as types
+import pytest
+from ovirt_imageio import client as imageio_client
+
+from ansible_collections.thinair.ovirt.plugins.module_utils import _qemu
+from lab.lab import Hooks, Lab
+from lab.pki import Pki
+from tests.helpers import running
+
+MiB = 1024**2
+IMAGE_SIZE = 32 * MiB
+# The size of an LV extent on a block storage domain (vdsm's VG extent size).
+BLOCK_EXTENT = 128 * MiB
+FINAL_PHASES = ("finished_success", "finished_failure")
+
+# ISO 9660 (ECMA-119 8.1, 8.4): 2 KiB sectors; the primary volume
+# descriptor is sector 16 and the descriptor set terminator follows it.
+ISO_SECTOR = 2048
+ISO_PVD_SECTOR = 16
+# type, "CD001", version, unused, system id, volume id, unused, volume space
+# size (little endian), the same (big endian).
+ISO_PVD = struct.Struct("<B5sBx32s32s8xI4s")
+ISO_TERMINATOR = struct.Struct("<B5sB")  # type 255, "CD001", version
+
+
+# Images.
+
+
+def make_raw(path, size=IMAGE_SIZE, seed=1):
+    """A raw image with data at odd places, allocated zeros and holes."""
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, length in ((0, MiB), (5 * MiB + 4096, 512 * 1024), (size - 64 * 1024, 65536)):
+            f.seek(offset)
+            f.write(rng.randbytes(length))
+        # Allocated, but zero: the copy must see it as zero, not data.
+        f.seek(12 * MiB)
+        f.write(bytes(MiB))
+    return str(path)
+
+
+def make_full_raw(path, size, data, seed=3):
+    """A raw image holding data bytes of incompressible data from the start."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        f.write(random.Random(seed).randbytes(data))
+    return str(path)
+
+
+def make_iso(path, data_size=8 * MiB):
+    """An ISO 9660 image: the volume descriptors, then data."""
+    sectors = ISO_PVD_SECTOR + 2 + data_size // ISO_SECTOR
+    system, volume = b"LINUX".ljust(32), b"THINAIR".ljust(32)
+    pvd = ISO_PVD.pack(1, b"CD001", 1, system, volume, sectors, sectors.to_bytes(4, "big"))
+    with open(path, "wb") as f:
+        f.write(bytes(ISO_PVD_SECTOR * ISO_SECTOR))
+        f.write(pvd.ljust(ISO_SECTOR, b"\0"))
+        f.write(ISO_TERMINATOR.pack(255, b"CD001", 1).ljust(ISO_SECTOR, b"\0"))
+        f.write(random.Random(7).randbytes(data_size))
+    return str(path)
+
+
+def convert(src, dst, fmt, *options):
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", fmt, *options, src, dst],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return str(dst)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    top = tmp_path_factory.mktemp("images")
+    raw = make_raw(top / "disk.raw")
+    return {
+        "raw": raw,
+        "qcow2": convert(raw, top / "disk.qcow2", "qcow2"),
+        "compressed": convert(raw, top / "compressed.qcow2", "qcow2", "-c"),
+        "vmdk": convert(raw, top / "disk.vmdk", "vmdk"),
+        "iso": make_iso(top / "install.iso"),
+        "other": make_raw(top / "other.raw", seed=2),
+    }
+
+
+@pytest.fixture(scope="module")
+def nbd_source(images, tmp_path_factory):
+    """The qcow2 image exported read-only by qemu-nbd; yields its URL and pid."""
+    sock = str(tmp_path_factory.mktemp("nbd") / "source.sock")
+    cmd = ["qemu-nbd", "--read-only", "--persistent", "--shared=16", "--format=qcow2"]
+    with running([*cmd, f"--socket={sock}", images["qcow2"]], sock) as proc:
+        yield {"url": f"nbd+unix:///?socket={sock}", "pid": proc.pid, "raw": images["raw"]}
+
+
+def source_of(images, nbd_source, kind):
+    """(image to upload, raw image with the same guest data)."""
+    if kind == "nbd":
+        return nbd_source["url"], nbd_source["raw"]
+    if kind == "iso":
+        return images["iso"], images["iso"]
+    return images[kind], images["raw"]
+
+
+def assert_same(image, other):
+    proc = subprocess.run(
+        ["qemu-img", "compare", image, other], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Images are identical" in proc.stdout
+
+
+# Running the modules.
+
+
+def auth_of(info):
+    return {
+        "url": info["engine_url"],
+        "username": info["username"],
+        "password": info["password"],
+        "ca_file": info["ca_file"],
+    }
+
+
+class Modules:
+    """disk_upload and disk_download tasks with the lab's auth, run by
+    ansible-playbook; module temporary files go to a private TMPDIR."""
+
+    def __init__(self, ansible, auth, tmp_path):
+        self.ansible = ansible
+        self.auth = auth
+        self.tmpdir = tmp_path / "node-tmp"
+        self.tmpdir.mkdir(exist_ok=True)
+        ansible.env["TMPDIR"] = str(self.tmpdir)
+
+    def upload(self, **args):
+        return self._task("thinair.ovirt.disk_upload", args)
+
+    def download(self, **args):
+        return self._task("thinair.ovirt.disk_download", args)
+
+    def run(self, *tasks, check=False):
+        """Run the tasks in one playbook; a failed task does not stop the others."""
+        results = self.ansible.playbook(list(tasks), check=check)
+        assert len(results) == len(tasks), results
+        return results
+
+    def run_one(self, task, check=False):
+        (result,) = self.run(task, check=check)
+        return result
+
+    def _task(self, module, args):
+        args = dict(args)
+        args.setdefault("auth", self.auth)
+        return {"name": module, module: args, "ignore_errors": True}
+
+
+@pytest.fixture
+def modules(ansible, lab, tmp_path):
+    return Modules(ansible, auth_of(lab.info), tmp_path)
+
+
+def ok(result, changed):
+    assert not result.get("failed"), result.get("msg")
+    assert result["changed"] is changed, result
+    return result
+
+
+def failed(result, message):
+    assert result.get("failed") is True, result
+    assert message in result["msg"], result["msg"]
+    return result
+
+
+# The lab's state.
+
+
+class LabState:
+    """What the lab holds before a test, to check what the test left."""
+
+    def __init__(self, lab, tmp_path, keep_pids=()):
+        self.lab = lab
+        self.tmp_path = tmp_path
+        self.keep_pids = set(keep_pids)
+        state = lab.hooks.settled()
+        self.disks = {d["id"] for d in state["disks"]}
+        self.processes = sorted(state["processes"])
+        self.transfers = {t.id for t in self.image_transfers()}
+        self.open_transfers = self.transfers_in_progress()
+
+    def image_transfers(self):
+        with contextlib.closing(self.lab.connection()) as con:
+            return con.system_service().image_transfers_service().list()
+
+    def transfers_in_progress(self):
+        """Ids of image transfers the engine lists in a non-final phase."""
+        return {t.id for t in self.image_transfers() if str(t.phase) not in FINAL_PHASES}
+
+    def new_transfers(self, direction):
+        """The image transfers made since, in one direction."""
+        return [
+            t
+            for t in self.image_transfers()
+            if t.id not in self.transfers and str(t.direction) == direction
+        ]
+
+    def assert_nothing_left(self, disks=(), imageio_restarted=False):
+        """Nothing new but the given disks; checked at once, not after a wait:
+        the module returns only when the engine is done."""
+        state = self.lab.hooks.state()
+        assert {d["id"] for d in state["disks"]} - self.disks == set(disks)
+        for disk in state["disks"]:
+            if disk["id"] in disks:
+                assert disk["status"] == "ok", disk
+        assert self.transfers_in_progress() <= self.open_transfers
+        assert set(state["open_transfers"]) == self.open_transfers
+        assert state["tickets"] == [] and state["nbd_servers"] == [], state
+        if not imageio_restarted:
+            assert sorted(state["processes"]) == self.processes
+        assert local_exports(self.tmp_path, self.keep_pids) == []
+        assert os.listdir(self.tmp_path / "node-tmp") == []
+
+    def remove_new_disks(self):
+        state = self.lab.hooks.settled()
+        with contextlib.closing(self.lab.connection()) as con:
+            disks = con.system_service().disks_service()
+            for disk in state["disks"]:
+                if disk["id"] not in self.disks:
+                    disks.disk_service(disk["id"]).remove()
+        self.lab.hooks.settled()
+
+
+def local_exports(tmp_path, keep_pids=()):
+    """qemu-nbd servers on this machine serving one of our files."""
+    return [
+        e
+        for e in _qemu.find_exports()
+        if e.pid not in keep_pids and str(tmp_path) in " ".join(e.argv)
+    ]
+
+
+@pytest.fixture
+def lab_state(lab, tmp_path):
+    """The lab's state before the test; disks the test made are removed after it."""
+    lab.hooks.clear_faults()
+    state = LabState(lab, tmp_path)
+    yield state
+    lab.hooks.clear_faults()
+    lab.hooks.slow_storage(0)
+    state.remove_new_disks()
+
+
+def disk_by_id(lab, disk_id):
+    with contextlib.closing(lab.connection()) as con:
+        return con.system_service().disks_service().disk_service(disk_id).get()
+
+
+def create_disk(lab, name, size, storage_domain, initial_size=None):
+    """An empty sparse qcow2 disk, made with the SDK as an administrator would."""
+    with contextlib.closing(lab.connection()) as con:
+        disks = con.system_service().disks_service()
+        disk = disks.add(
+            types.Disk(
+                name=name,
+                format=types.DiskFormat.COW,
+                sparse=True,
+                provisioned_size=size,
+                initial_size=initial_size,
+                storage_domains=[types.StorageDomain(name=storage_domain)],
+            )
+        )
+        service = disks.disk_service(disk.id)
+        deadline = time.monotonic() + 30
+        while service.get().status != types.DiskStatus.OK:
+            assert time.monotonic() < deadline, "the new disk did not become ok"
+            time.sleep(0.1)
+    return disk.id
+
+
+# Round trips.
+
+# Every kind of source, on file (nfs1) and block (iscsi1) storage; other
+# tests cover the other pairs.
+ROUND_TRIPS = [
+    ("raw", "nfs1"),
+    ("qcow2", "iscsi1"),
+    ("compressed", "iscsi1"),
+    ("vmdk", "nfs1"),
+    ("iso", "iscsi1"),
+    ("nbd", "nfs1"),
+]
+
+
+@pytest.mark.parametrize("kind, domain", ROUND_TRIPS)
+def test_round_trip(modules, lab, lab_state, images, nbd_source, tmp_path, kind, domain):
+    image, expected = source_of(images, nbd_source, kind)
+    name = f"rt-{kind}-{domain}"
+    dest = str(tmp_path / "back.qcow2")
+    args = {"image": image, "storage_domain": domain, "name": name}
+    first, again, forced, down, down_again = modules.run(
+        modules.upload(**args),
+        modules.upload(**args),
+        modules.upload(force=True, **args),
+        modules.download(name=name, dest=dest),
+        modules.download(name=name, dest=dest),
+    )
+
+    ok(first, True)
+    plan = first["plan"]
+    size = os.path.getsize(expected)
+    assert plan["provisioned_size"] == size
+    assert (plan["name"], plan["storage_domain"]) == (name, domain)
+    if kind == "iso":
+        assert (plan["format"], plan["sparse"], plan["content_type"]) == ("raw", False, "iso")
+        assert "initial_size" not in plan
+    else:
+        assert (plan["format"], plan["sparse"], plan["backup"]) == ("cow", True, "incremental")
+        assert plan["content_type"] == "data"
+        measured = json.loads(
+            subprocess.run(
+                ["qemu-img", "measure", "--output=json", "-O", "qcow2", image],
+                capture_output=True,
+                check=True,
+            ).stdout
+        )
+        assert plan["initial_size"] == measured["required"]
+    disk = first["disk"]
+    assert disk["status"] == "ok"
+    assert (disk["name"], disk["storage_domain"], disk["format"]) == (name, domain, plan["format"])
+    # A raw volume on block storage is whole extents (LVs), and the guest sees all of it.
+    raw_on_block = plan["format"] == "raw" and domain == "iscsi1"
+    disk_size = -(-size // BLOCK_EXTENT) * BLOCK_EXTENT if raw_on_block else size
+    assert disk["provisioned_size"] == disk_size
+    transfer = first["transfer"]
+    assert transfer["endpoint"] == "host"
+    assert transfer["url"].startswith(f"https://{lab.host_address}:")
+    assert transfer["bytes"] == disk_size
+    assert transfer["data_bytes"] + transfer["zero_bytes"] == disk_size
+    if kind != "iso":
+        # Holes and zeros are skipped on a new disk, not sent.
+        assert transfer["data_bytes"] < size // 2
+
+    ok(again, False)
+    assert again["disk"]["id"] == disk["id"]
+    assert "transfer" not in again
+    ok(forced, True)
+    assert forced["disk"]["id"] == disk["id"]
+    assert forced["transfer"]["bytes"] == disk_size
+
+    ok(down, True)
+    assert down["disk"]["id"] == disk["id"]
+    ok(down_again, False)
+    assert_same(expected, dest)
+    lab_state.assert_nothing_left(disks={disk["id"]})
+
+
+def test_existing_disk_by_id_and_name(modules, lab, lab_state, images, tmp_path):
+    size = os.path.getsize(images["raw"])
+    disk_id = create_disk(lab, "existing-1", size, "nfs1")
+    new_id = str(uuid.uuid4())
+    new_args = {"image": images["vmdk"], "disk_id": new_id, "storage_domain": "iscsi1"}
+    dest, new_dest = str(tmp_path / "existing.qcow2"), str(tmp_path / "given-id.raw")
+    results = modules.run(
+        modules.upload(image=images["qcow2"], disk_id=disk_id),
+        modules.upload(image=images["qcow2"], disk_id=disk_id),
+        modules.upload(image=images["raw"], name="existing-1"),
+        modules.upload(image=images["other"], name="existing-1"),
+        modules.upload(image=images["other"], disk_id=disk_id),
+        modules.download(disk_id=disk_id, dest=dest),
+        # disk_id of a disk that does not exist yet: the id of the new disk.
+        modules.upload(name="given-id", **new_args),
+        modules.upload(**new_args),
+        modules.download(disk_id=new_id, dest=new_dest, format="raw"),
+    )
+    by_id, by_id_again, by_name, other_by_name, other_again, down = results[:6]
+    new, new_again, new_down = results[6:]
+    ok(by_id, True)
+    assert by_id["plan"] == {"disk_id": disk_id, "name": "existing-1", "existing": True}
+    assert by_id["disk"]["id"] == disk_id
+    # An existing disk may hold anything: zeros are written, not skipped.
+    assert by_id["transfer"]["data_bytes"] + by_id["transfer"]["zero_bytes"] == size
+    ok(by_id_again, False)
+    # The same guest data from another format is the same disk content.
+    ok(by_name, False)
+    assert by_name["disk"]["id"] == disk_id
+    ok(other_by_name, True)
+    ok(other_again, False)
+    ok(down, True)
+    assert_same(images["other"], dest)
+
+    ok(new, True)
+    assert (new["disk"]["id"], new["disk"]["name"]) == (new_id, "given-id")
+    ok(new_again, False)
+    ok(new_down, True)
+    assert_same(images["raw"], new_dest)
+    lab_state.assert_nothing_left(disks={disk_id, new_id})
+
+
+def test_existing_larger_disk(modules, lab, lab_state, images, tmp_path):
+    """A disk larger than the image reads as the image, then zeros: what it
+    held past the image's end is zeroed, and a second run changes nothing."""
+    size = 48 * MiB
+    big = make_raw(tmp_path / "big.raw", size=size, seed=9)
+    disk_id = create_disk(lab, "larger", size, "iscsi1")
+    dest = str(tmp_path / "larger.raw")
+    filled, first, again, down = modules.run(
+        modules.upload(image=big, disk_id=disk_id),
+        modules.upload(image=images["qcow2"], disk_id=disk_id),
+        modules.upload(image=images["qcow2"], name="larger"),
+        modules.download(disk_id=disk_id, dest=dest, format="raw"),
+    )
+    ok(filled, True)
+    ok(first, True)
+    assert first["transfer"]["bytes"] == size
+    ok(again, False)
+    ok(down, True)
+    assert os.path.getsize(dest) == size
+    # qemu-img compare takes a larger image as equal only if its tail reads as zeros.
+    assert_same(images["raw"], dest)
+    lab_state.assert_nothing_left(disks={disk_id})
+
+
+def test_formats_on_request(modules, lab, lab_state, images, tmp_path):
+    cases = {
+        # name: (upload options, disk format, sparse, backup)
+        "f-raw": ({"storage_domain": "nfs1", "format": "raw"}, "raw", True, "none"),
+        "f-raw-block": (
+            {"storage_domain": "iscsi1", "format": "raw", "preallocated": True},
+            "raw",
+            False,
+            "none",
+        ),
+        "f-qcow2-pre": (
+            {"storage_domain": "iscsi1", "preallocated": True},
+            "cow",
+            False,
+            "incremental",
+        ),
+    }
+    tasks = [modules.upload(image=images["qcow2"], name=n, **c[0]) for n, c in cases.items()]
+    tasks += [
+        modules.download(name=n, dest=str(tmp_path / f"{n}.raw"), format="raw") for n in cases
+    ]
+    results = modules.run(*tasks)
+    for (_, fmt, sparse, backup), up, down in zip(
+        cases.values(), results[: len(cases)], results[len(cases) :], strict=True
+    ):
+        ok(up, True)
+        assert (up["plan"]["format"], up["plan"]["sparse"], up["plan"]["backup"]) == (
+            fmt,
+            sparse,
+            backup,
+        )
+        assert (up["disk"]["format"], up["disk"]["sparse"]) == (fmt, sparse)
+        volume = lab.hooks.volume(up["disk"]["id"])
+        assert (volume["format"], volume["sparse"]) == ({"raw": "raw", "cow": "qcow2"}[fmt], sparse)
+        ok(down, True)
+        assert_same(images["raw"], down["dest"])
+    lab_state.assert_nothing_left(disks={r["disk"]["id"] for r in results[: len(cases)]})
+
+
+def test_check_mode(modules, lab, lab_state, images, tmp_path):
+    planned, made, would, same = modules.run(
+        dict(
+            modules.upload(image=images["compressed"], storage_domain="iscsi1", name="planned"),
+            check_mode=True,
+        ),
+        modules.upload(image=images["raw"], storage_domain="nfs1", name="cm"),
+        # An existing disk with other data: the upload would change it, and does not.
+        dict(modules.upload(image=images["other"], name="cm"), check_mode=True),
+        dict(modules.upload(image=images["qcow2"], name="cm"), check_mode=True),
+    )
+    ok(planned, True)
+    assert planned["plan"]["name"] == "planned"
+    assert planned["plan"]["storage_domain"] == "iscsi1"
+    assert planned["plan"]["format"] == "cow"
+    assert planned["plan"]["initial_size"] > 0
+    assert "disk" not in planned and "transfer" not in planned
+
+    disk_id = ok(made, True)["disk"]["id"]
+    ok(would, True)
+    assert would["plan"] == {"disk_id": disk_id, "name": "cm", "existing": True}
+    assert "transfer" not in would
+    ok(same, False)
+    assert lab.hooks.checksum(disk_id) == imageio_client.checksum(images["raw"])
+    # The one upload is the real one; check mode only read the disk.
+    assert len(lab_state.new_transfers("upload")) == 1
+    lab_state.assert_nothing_left(disks={disk_id})
+
+
+def test_verify(modules, lab, lab_state, images, tmp_path):
+    dest = str(tmp_path / "verified.raw")
+    up, down = modules.run(
+        modules.upload(image=images["compressed"], storage_domain="iscsi1", verify=True),
+        modules.download(name="compressed", dest=dest, format="raw", verify=True),
+    )
+    ok(up, True)
+    assert up["disk"]["name"] == "compressed"
+    ok(down, True)
+    assert_same(images["raw"], dest)
+    lab_state.assert_nothing_left(disks={up["disk"]["id"]})
+
+
+# Ways to reach imageio.
+
+
+def test_proxy_always(modules, lab, lab_state, images, tmp_path):
+    dest = str(tmp_path / "proxy.qcow2")
+    up, again, down = modules.run(
+        modules.upload(image=images["qcow2"], storage_domain="iscsi1", proxy="always"),
+        modules.upload(image=images["qcow2"], storage_domain="iscsi1", proxy="always"),
+        modules.download(name="disk", dest=dest, proxy="always"),
+    )
+    ok(up, True)
+    assert up["transfer"]["endpoint"] == "proxy"
+    assert not up["transfer"]["url"].startswith(f"https://{lab.host_address}:")
+    ok(again, False)
+    ok(down, True)
+    assert down["transfer"]["endpoint"] == "proxy"
+    assert_same(images["raw"], dest)
+    lab_state.assert_nothing_left(disks={up["disk"]["id"]})
+
+
+class UnreachableHostRelay:
+    """An HTTPS relay to the lab engine that points the transfer_url of every
+    image transfer at a port where nothing listens.
+
+    It stands for a network where the client reaches the engine, and so the
+    engine's imageio proxy, but not the hosts (a firewall between them). The
+    engine, the proxy and the host daemon stay the lab's own.
+    """
+
+    def __init__(self, lab):
+        pki = Pki(os.path.join(lab.dir, "pki"))
+        cert, key = pki.issue("upload-test-relay", hosts=("localhost", "127.0.0.1"))
+        parts = urllib.parse.urlsplit(lab.engine_url)
+        self.dead_port = closed_port(lab.host_address)
+        relay = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                relay.forward(self)
+
+            do_POST = do_PUT = do_DELETE = do_GET
+
+            def log_message(self, *args):
+                pass
+
+        self.engine = (parts.hostname, parts.port)
+        self.client_context = ssl.create_default_context(cafile=lab.ca_file)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_context.load_cert_chain(cert, key)
+        self.server.socket = server_context.wrap_socket(self.server.socket, server_side=True)
+        self.url = f"https://localhost:{self.server.server_address[1]}{parts.path}"
+        self.rewritten = 0
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def forward(self, handler):
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = handler.rfile.read(length) if length else None
+        skip = ("host", "connection", "content-length", "accept-encoding")
+        headers = {k: v for k, v in handler.headers.items() if k.lower() not in skip}
+        con = http.client.HTTPSConnection(*self.engine, context=self.client_context, timeout=60)
+        try:
+            con.request(handler.command, handler.path, body=body, headers=headers)
+            resp = con.getresponse()
+            data = resp.read()
+        finally:
+            con.close()
+        data, count = re.subn(
+            rb"(<transfer_url>https://[^<]*?:)\d+/", rb"\g<1>%d/" % self.dead_port, data
+        )
+        self.rewritten += count
+        handler.send_response(resp.status, resp.reason)
+        for name, value in resp.getheaders():
+            if name.lower() not in ("content-length", "connection", "transfer-encoding"):
+                handler.send_header(name, value)
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join()
+
+
+def closed_port(address):
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def unreachable_host(lab):
+    relay = UnreachableHostRelay(lab)
+    yield relay
+    relay.close()
+
+
+def test_proxy_auto_when_host_unreachable(
+    modules, lab, lab_state, images, tmp_path, unreachable_host
+):
+    modules.auth = dict(modules.auth, url=unreachable_host.url)
+    dest = str(tmp_path / "fallback.raw")
+    mine = create_disk(lab, "mine", IMAGE_SIZE, "nfs1")
+    refused, refused_existing, up, down = modules.run(
+        modules.upload(image=images["qcow2"], storage_domain="nfs1", proxy="never"),
+        modules.upload(image=images["qcow2"], disk_id=mine, proxy="never", force=True),
+        modules.upload(image=images["qcow2"], storage_domain="nfs1"),
+        modules.download(name="disk", dest=dest, format="raw"),
+    )
+    for result in (refused, refused_existing):
+        failed(result, "Cannot reach imageio: host https://")
+        assert f":{unreachable_host.dead_port}/images/" in result["msg"]
+        assert "Connection refused" in result["msg"]
+    # The engine removes the disk of a cancelled upload: the user's disk is
+    # finalized instead, and stays.
+    assert disk_by_id(lab, mine).status.value == "ok"
+    ok(up, True)
+    assert up["transfer"]["endpoint"] == "proxy"
+    ok(down, True)
+    assert down["transfer"]["endpoint"] == "proxy"
+    assert unreachable_host.rewritten >= 4
+    assert_same(images["raw"], dest)
+    lab_state.assert_nothing_left(disks={up["disk"]["id"], mine})
+
+
+@pytest.fixture(scope="module")
+def local_lab(tmp_path_factory):
+    """A small second lab whose host listens on 127.0.0.1, this machine's own
+    address: the module then runs "on the host" and uses imageio's unix socket."""
+    lab = Lab(str(tmp_path_factory.mktemp("local-lab")))
+    info = lab.start(host_address="127.0.0.1", poll_interval=0.5)
+    try:
+        yield info
+    finally:
+        lab.stop()
+
+
+def test_unix_socket(ansible, local_lab, images, tmp_path):
+    modules = Modules(ansible, auth_of(local_lab), tmp_path)
+    hooks = Hooks(local_lab["hooks_url"], local_lab["ca_file"])
+    block_dest, file_dest = str(tmp_path / "unix.qcow2"), str(tmp_path / "unix.raw")
+    block, file, file_again, block_down, file_down = modules.run(
+        modules.upload(image=images["compressed"], storage_domain="iscsi1", name="u-block"),
+        modules.upload(image=images["vmdk"], storage_domain="nfs1", name="u-file"),
+        modules.upload(image=images["raw"], storage_domain="nfs1", name="u-file"),
+        modules.download(name="u-block", dest=block_dest),
+        modules.download(name="u-file", dest=file_dest, format="raw"),
+    )
+    for result in (block, file, block_down, file_down):
+        ok(result, True)
+        assert result["transfer"]["endpoint"] == "unix"
+        assert result["transfer"]["url"].startswith("https://127.0.0.1:")
+    ok(file_again, False)
+    assert_same(images["raw"], block_dest)
+    assert_same(images["raw"], file_dest)
+    # The lab is removed with its directory: its disks may stay.
+    state = hooks.settled()
+    assert state["nbd_servers"] == [] and state["tickets"] == []
+    assert local_exports(tmp_path) == []
+    assert os.listdir(modules.tmpdir) == []
+
+
+# Faults.
+
+
+def run_in_background(modules, *tasks):
+    """Start a playbook in a thread; join() returns its results."""
+    results = []
+    thread = threading.Thread(target=lambda: results.extend(modules.run(*tasks)), daemon=True)
+    thread.start()
+
+    def join(timeout=180):
+        thread.join(timeout)
+        assert not thread.is_alive(), "the playbook did not end"
+        return results
+
+    return join
+
+
+def wait_for(predicate, timeout=60, what="the condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def read_progress(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def test_imageio_restart_mid_upload(modules, lab, lab_state, images, tmp_path):
+    """The host's imageio daemon restarts while data moves. A PUT cut off
+    by the restart cannot be told from one that failed, so the upload fails;
+    the transfer is cancelled and the engine removes the new disk."""
+    progress = tmp_path / "progress.json"
+    image = make_full_raw(tmp_path / "busy.raw", 64 * MiB, 48 * MiB)
+    # Slow storage and small requests keep the copy going for seconds.
+    lab.hooks.slow_storage(20)
+    join = run_in_background(
+        modules,
+        modules.upload(
+            image=image,
+            storage_domain="nfs1",
+            name="restarted",
+            buffer_size=65536,
+            progress_file=str(progress),
+        ),
+    )
+    wait_for(
+        lambda: (read_progress(progress) or {}).get("phase") == "uploading",
+        what="the upload to start",
+    )
+    time.sleep(0.3)
+    lab.hooks.imageio("restart")
+    (result,) = join()
+    failed(result, "PUT https://")
+    assert "the server closed the connection" in result["msg"]
+    assert not progress.exists()
+    lab_state.assert_nothing_left(imageio_restarted=True)
+    (transfer,) = lab_state.new_transfers("upload")
+    phases = lab.hooks.states(transfer.id)
+    assert "cancelled_user" in phases
+    assert phases[-1] == "finished_failure"
+
+
+def test_engine_unavailable_while_polling(modules, lab, lab_state, images, tmp_path):
+    """The engine answers 503 to the next GETs of the transfer (a restart, a
+    proxy in front of it): the module waits and asks again."""
+    lab.hooks.fail("/ovirt-engine/api/imagetransfers/*", status=503, method="GET", count=3)
+    dest = str(tmp_path / "polled.qcow2")
+    up, down = modules.run(
+        modules.upload(image=images["qcow2"], storage_domain="iscsi1"),
+        modules.download(name="disk", dest=dest),
+    )
+    ok(up, True)
+    ok(down, True)
+    assert lab.hooks.faults() == []
+    assert_same(images["raw"], dest)
+    lab_state.assert_nothing_left(disks={up["disk"]["id"]})
+
+
+def test_block_volume_too_small_existing_disk(modules, lab, lab_state, tmp_path):
+    """An existing sparse qcow2 disk on block storage whose volume (LV) is
+    smaller than the data: the upload fails with the storage's error and the
+    disk, which the user made, stays."""
+    size = 160 * MiB
+    image = make_full_raw(tmp_path / "big.raw", size, 150 * MiB)
+    disk_id = create_disk(lab, "small-lv", size, "iscsi1", initial_size=MiB)
+    volume = lab.hooks.volume(disk_id)
+    assert volume["lv_size"] < 150 * MiB
+    result = failed(
+        modules.run_one(modules.upload(image=image, disk_id=disk_id)),
+        "500 Internal Server Error",
+    )
+    assert (
+        f"imageio answers so when the volume is full: disk small-lv ({disk_id}) is a sparse "
+        f"qcow2 disk on block storage domain iscsi1, whose volume has room for "
+        f"{volume['lv_size']} bytes and does not grow during an upload, but the image needs up "
+        "to "
+    ) in result["msg"]
+    assert "upload it to a new disk, which gets a volume of that size" in result["msg"]
+    lab_state.assert_nothing_left(disks={disk_id})
+
+
+def test_block_volume_too_small_new_disk(modules, lab, lab_state, tmp_path):
+    """The source grows after the module measured it (an NBD export still
+    being written), so the initial size it asked for is too small: the
+    upload fails and the new disk is removed."""
+    size = 160 * MiB
+    path = tmp_path / "growing.raw"
+    with open(path, "wb") as f:
+        f.truncate(size)
+    sock = str(tmp_path / "growing.sock")
+    cmd = ["qemu-nbd", "--persistent", "--shared=16", "--format=raw", f"--socket={sock}", str(path)]
+    with running(cmd, sock) as server:
+        url = f"nbd+unix:///?socket={sock}"
+        # The disk is created a few seconds after the plan was made.
+        lab.hooks.fail("/ovirt-engine/api/disks", method="POST", delay=3)
+        join = run_in_background(
+            modules, modules.upload(image=url, storage_domain="iscsi1", name="grown")
+        )
+        wait_for(lambda: lab.hooks.faults() == [], what="the disk to be requested")
+        data = tmp_path / "data.raw"
+        data.write_bytes(random.Random(4).randbytes(150 * MiB))
+        subprocess.run(
+            ["qemu-img", "dd", "-f", "raw", "-O", "raw", f"if={data}", f"of={url}", "bs=1M"],
+            check=True,
+        )
+        (result,) = join()
+        failed(result, "500 Internal Server Error")
+        hint = "imageio answers so when the volume is full: the volume of disk grown on block"
+        assert hint in result["msg"]
+        assert "did the image change after it was measured?" in result["msg"]
+        lab_state.keep_pids.add(server.pid)
+        lab_state.assert_nothing_left()
+
+
+# Bad input: a clear message, and nothing left behind.
+
+
+@pytest.fixture
+def other_ca(tmp_path):
+    """A CA that did not sign the engine's certificate."""
+    return Pki(str(tmp_path / "other-ca")).ca_cert
+
+
+@pytest.fixture
+def corrupt_qcow2(images, tmp_path):
+    path = tmp_path / "corrupt.qcow2"
+    with open(images["qcow2"], "rb") as f:
+        path.write_bytes(f.read(256 * 1024))
+    return str(path)
+
+
+BAD_UPLOADS = {
+    "wrong password": (
+        {"auth": {"password": "not-the-password"}},
+        "cannot connect to the engine: authentication failed at https://localhost:",
+    ),
+    "untrusted CA": (
+        {"auth": {"ca_file": "OTHER_CA"}},
+        "is not trusted",
+    ),
+    "unknown storage domain": (
+        {"storage_domain": "nfs9"},
+        "storage domain 'nfs9' not found; the engine has: iscsi1, nfs1, scratch",
+    ),
+    "missing file": (
+        {"image": "TMP/missing.qcow2"},
+        "cannot read image 'TMP/missing.qcow2': no such file",
+    ),
+    "directory": ({"image": "TMP"}, "cannot read image 'TMP': it is a directory"),
+    "corrupt qcow2": (
+        {"image": "CORRUPT"},
+        "image 'CORRUPT' is corrupt: qemu-img check found",
+    ),
+    "no storage domain": (
+        {"storage_domain": None},
+        "disk bad-input does not exist; give storage_domain to create it",
+    ),
+    "raw sparse on block storage": (
+        {"storage_domain": "iscsi1", "format": "raw"},
+        "storage domain iscsi1 is block storage (iscsi), which has no raw sparse disks",
+    ),
+}
+
+
+def test_bad_upload(modules, lab, lab_state, images, tmp_path, other_ca, corrupt_qcow2):
+    """Each case in check mode and for real, in one playbook."""
+
+    def fill(value):
+        if not isinstance(value, str):
+            return value
+        for key, real in (("OTHER_CA", other_ca), ("CORRUPT", corrupt_qcow2), ("TMP", tmp_path)):
+            value = value.replace(key, str(real))
+        return value
+
+    tasks = []
+    for changes, _ in BAD_UPLOADS.values():
+        args = {"image": images["qcow2"], "storage_domain": "nfs1", "name": "bad-input"}
+        for key, value in changes.items():
+            if key == "auth":
+                args["auth"] = dict(modules.auth, **{k: fill(v) for k, v in value.items()})
+            elif value is None:
+                del args[key]
+            else:
+                args[key] = fill(value)
+        tasks += [dict(modules.upload(**args), check_mode=True), modules.upload(**args)]
+    results = modules.run(*tasks)
+    for i, (case, (_, message)) in enumerate(BAD_UPLOADS.items()):
+        for result in results[2 * i : 2 * i + 2]:
+            assert result.get("failed") is True, (case, result)
+            assert fill(message) in result["msg"], (case, result["msg"])
+            assert "Traceback" not in result["msg"]
+    lab_state.assert_nothing_left()
+
+
+def test_image_larger_than_existing_disk(modules, lab, lab_state, images, tmp_path):
+    disk_id = create_disk(lab, "too-small", 16 * MiB, "nfs1")
+    before = lab.hooks.checksum(disk_id)
+    failed(
+        modules.run_one(modules.upload(image=images["qcow2"], name="too-small")),
+        f"the image is {IMAGE_SIZE} bytes but disk too-small ({disk_id}) holds only "
+        f"{16 * MiB} bytes; extend the disk or upload to a new one",
+    )
+    assert lab.hooks.checksum(disk_id) == before
+    lab_state.assert_nothing_left(disks={disk_id})
