@@ -365,13 +365,7 @@ def _send(session, image, facts, options, progress, full_volume=None):
                 src = _ZeroPadded(src, dst.size)
             progress.set_phase("uploading", size=src.size)
             try:
-                stats = _copy.copy(
-                    src,
-                    dst,
-                    workers=options.get("workers", _copy.DEFAULT_WORKERS),
-                    request_size=options.get("request_size", _copy.DEFAULT_REQUEST_SIZE),
-                    progress=progress.update,
-                )
+                stats = _copy_data(src, dst, options, progress)
             except _imageio.Error as e:
                 # imageio says no more than "Server failed" when a volume is full.
                 if e.status == INTERNAL_SERVER_ERROR and full_volume:
@@ -385,6 +379,16 @@ def _send(session, image, facts, options, progress, full_volume=None):
         progress.set_phase("finalizing")
     progress.set_phase("done")
     return session.result(stats)
+
+
+def _copy_data(src, dst, options, progress):
+    return _copy.copy(
+        src,
+        dst,
+        workers=options.get("workers", _copy.DEFAULT_WORKERS),
+        request_size=options.get("request_size", _copy.DEFAULT_REQUEST_SIZE),
+        progress=progress.update,
+    )
 
 
 def _verify(local, disk):
@@ -446,13 +450,7 @@ def download(engine, options, progress, check_mode=False):
             src = session.endpoint
             with _image.create_endpoint(tmp, fmt, src.size) as dst:
                 progress.set_phase("downloading", size=src.size)
-                stats = _copy.copy(
-                    src,
-                    dst,
-                    workers=options.get("workers", _copy.DEFAULT_WORKERS),
-                    request_size=options.get("request_size", _copy.DEFAULT_REQUEST_SIZE),
-                    progress=progress.update,
-                )
+                stats = _copy_data(src, dst, options, progress)
                 if options.get("verify"):
                     progress.set_phase("verifying")
                     _verify(dst, src)

@@ -13,6 +13,8 @@ import sys
 import pytest
 import yaml
 
+from lab.pki import Pki
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 BIN = os.path.dirname(sys.executable)
@@ -71,3 +73,9 @@ class Ansible:
 @pytest.fixture
 def ansible(tmp_path):
     return Ansible(tmp_path)
+
+
+@pytest.fixture
+def other_ca(tmp_path):
+    """A CA that did not sign the engine's certificate."""
+    return Pki(str(tmp_path / "other-ca")).ca_cert

@@ -32,7 +32,6 @@ from tests.integration.test_disk_upload import (
     make_full_raw,
     make_raw,
     ok,
-    other_ca,  # noqa: F401 - a fixture
     read_progress,
     run_in_background,
     wait_for,
@@ -323,14 +322,14 @@ BAD_DOWNLOADS = {
 }
 
 
-def test_bad_download(modules, lab, lab_state, downloads, other_ca):  # noqa: F811
+def test_bad_download(modules, lab, lab_state, downloads, other_ca):
     def fill(value):
         if not isinstance(value, str):
             return value
         return value.replace("OTHER_CA", other_ca).replace("DOWNLOADS", str(downloads))
 
     tasks = []
-    for changes, _ in BAD_DOWNLOADS.values():
+    for changes, _message in BAD_DOWNLOADS.values():
         args = {"name": "dl-file", "dest": str(downloads / "disk.qcow2")}
         for key, value in changes.items():
             if key == "auth":
@@ -341,7 +340,7 @@ def test_bad_download(modules, lab, lab_state, downloads, other_ca):  # noqa: F8
                 args[key] = fill(value)
         tasks += [dict(modules.download(**args), check_mode=True), modules.download(**args)]
     results = modules.run(*tasks)
-    for i, (case, (_, message)) in enumerate(BAD_DOWNLOADS.items()):
+    for i, (case, (_changes, message)) in enumerate(BAD_DOWNLOADS.items()):
         for result in results[2 * i : 2 * i + 2]:
             assert result.get("failed") is True, (case, result)
             assert fill(message) in result["msg"], (case, result["msg"])

@@ -27,9 +27,9 @@ import time
 import urllib.parse
 import uuid
 
-import ovirtsdk4.types as types
 import pytest
 from ovirt_imageio import client as imageio_client
+from ovirtsdk4 import types
 
 from ansible_collections.thinair.ovirt.plugins.module_utils import _qemu
 from lab.lab import Hooks, Lab
@@ -471,7 +471,7 @@ def test_formats_on_request(modules, lab, lab_state, images, tmp_path):
         modules.download(name=n, dest=str(tmp_path / f"{n}.raw"), format="raw") for n in cases
     ]
     results = modules.run(*tasks)
-    for (_, fmt, sparse, backup), up, down in zip(
+    for (_options, fmt, sparse, backup), up, down in zip(
         cases.values(), results[: len(cases)], results[len(cases) :], strict=True
     ):
         ok(up, True)
@@ -842,12 +842,6 @@ def test_block_volume_too_small_new_disk(modules, lab, lab_state, tmp_path):
 
 
 @pytest.fixture
-def other_ca(tmp_path):
-    """A CA that did not sign the engine's certificate."""
-    return Pki(str(tmp_path / "other-ca")).ca_cert
-
-
-@pytest.fixture
 def corrupt_qcow2(images, tmp_path):
     path = tmp_path / "corrupt.qcow2"
     with open(images["qcow2"], "rb") as f:
@@ -899,7 +893,7 @@ def test_bad_upload(modules, lab, lab_state, images, tmp_path, other_ca, corrupt
         return value
 
     tasks = []
-    for changes, _ in BAD_UPLOADS.values():
+    for changes, _message in BAD_UPLOADS.values():
         args = {"image": images["qcow2"], "storage_domain": "nfs1", "name": "bad-input"}
         for key, value in changes.items():
             if key == "auth":
@@ -910,7 +904,7 @@ def test_bad_upload(modules, lab, lab_state, images, tmp_path, other_ca, corrupt
                 args[key] = fill(value)
         tasks += [dict(modules.upload(**args), check_mode=True), modules.upload(**args)]
     results = modules.run(*tasks)
-    for i, (case, (_, message)) in enumerate(BAD_UPLOADS.items()):
+    for i, (case, (_changes, message)) in enumerate(BAD_UPLOADS.items()):
         for result in results[2 * i : 2 * i + 2]:
             assert result.get("failed") is True, (case, result)
             assert fill(message) in result["msg"], (case, result["msg"])
