@@ -4,12 +4,14 @@
 """The data path alone: move an image to or from an open image transfer.
 
     python bench/data_path.py ours|imageio upload IMAGE TRANSFER_URL CA_FILE
-    python bench/data_path.py ours|imageio download OUTPUT TRANSFER_URL CA_FILE
+    python bench/data_path.py ours|imageio download OUTPUT TRANSFER_URL CA_FILE [FORMAT]
 
-"ours" is the collection's module_utils (qemu-nbd + NBD client on the local
-side, our imageio client on the other); "imageio" is ovirt_imageio.client,
-what ovirt-img runs. Both use 4 connections and skip zeros on the new disk.
-Prints one JSON line with this process's peak RSS.
+"ours" is the collection's module_utils (_image.open_endpoint and
+create_endpoint on the local side: the file itself for raw and plain qcow2
+images, qemu-nbd otherwise; our imageio client on the other); "imageio" is
+ovirt_imageio.client, what ovirt-img runs. Both use 4 connections and skip
+zeros on the new disk. Downloads write FORMAT, qcow2 by default. Prints one
+JSON line with this process's peak RSS.
 """
 
 from __future__ import annotations
@@ -22,15 +24,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from copy_image import peak_rss
 
-from ansible_collections.thinair.ovirt.plugins.module_utils import _copy, _image, _imageio, _qemu
+from ansible_collections.thinair.ovirt.plugins.module_utils import _copy, _image, _imageio
 
 WORKERS = 4
 
 
-def ours(direction, image, url, ca_file):
+def ours(direction, image, url, ca_file, fmt):
     if direction == "upload":
-        fmt = _qemu.info(image)["format"]
-        with _image.open_endpoint(image, fmt) as src:
+        # The format is probed once, as a module does when it inspects the image.
+        with _image.open_endpoint(image, None) as src:
             dst = _imageio.ImageioEndpoint(url, ca_file=ca_file, is_zero=True)
             try:
                 _copy.copy(src, dst, workers=WORKERS)
@@ -39,24 +41,25 @@ def ours(direction, image, url, ca_file):
     else:
         src = _imageio.ImageioEndpoint(url, ca_file=ca_file)
         try:
-            with _image.create_endpoint(image, "qcow2", src.size) as dst:
+            with _image.create_endpoint(image, fmt, src.size) as dst:
                 _copy.copy(src, dst, workers=WORKERS)
         finally:
             src.close()
 
 
-def imageio(direction, image, url, ca_file):
+def imageio(direction, image, url, ca_file, fmt):
     from ovirt_imageio import client
 
     if direction == "upload":
         client.upload(image, url, ca_file, max_workers=WORKERS, disk_is_zero=True)
     else:
-        client.download(url, image, ca_file, fmt="qcow2", max_workers=WORKERS)
+        client.download(url, image, ca_file, fmt=fmt, max_workers=WORKERS)
 
 
 def main():
     client, direction, image, url, ca_file = sys.argv[1:6]
-    {"ours": ours, "imageio": imageio}[client](direction, image, url, ca_file)
+    fmt = sys.argv[6] if len(sys.argv) > 6 else "qcow2"
+    {"ours": ours, "imageio": imageio}[client](direction, image, url, ca_file, fmt)
     print(json.dumps({"peak_rss": peak_rss()}))
 
 

@@ -4,19 +4,30 @@
 """Extent-aware parallel copy between two endpoints.
 
 An endpoint is anything with a size, extents and random access I/O: an image
-served by qemu-nbd, an NBD export elsewhere, or (with the upload work) an
-imageio ticket. The copy reads the source extent map in bounded steps, so an
-8 TiB image never has its whole map in memory, and hands out work items to N
-workers. Each worker owns its own pair of connections (``clone()``), so no
-connection is ever shared between threads.
+served by qemu-nbd, an NBD export elsewhere, a local image file (_file), or
+an imageio ticket (_imageio). The copy reads the source extent map in
+bounded steps, so an 8 TiB image never has its whole map in memory, and
+hands out work items to N workers. Each worker owns its own pair of
+connections (``clone()``), so no connection is ever shared between threads.
 
 Zero extents are skipped when the destination is known to read as zeros (a
 new disk or image) and zeroed otherwise; data extents are split into requests
 of at most ``request_size`` bytes.
+
+Endpoint interface (NbdEndpoint is the model): ``size``, ``is_zero``,
+``max_connections``, ``max_request``, ``clone()``, ``extents(offset,
+length)``, ``readinto(offset, buf)``, ``write(offset, buf)``, ``zero(offset,
+length)``, ``flush()``, ``close()``. Two optional members let data skip the
+copy's buffer: a source's ``file_range(offset, length)`` gives ``(fd, file
+offset)`` where a range lies in one piece of a local file (or None), and a
+destination whose ``can_write_from_file`` is true takes it with
+``write_from_file(offset, fd, file_offset, length)``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import threading
 import time
 from collections import namedtuple
@@ -315,8 +326,12 @@ class _WorkItems:
 
 
 def _work(src, dst, items, zero_destination, stats, progress, failed):
-    buf = bytearray(items.request_size)
-    view = memoryview(buf)
+    # Data goes from the source's file straight to the destination when both
+    # can (a local file to imageio's unix socket): no copy in this process.
+    file_range = None
+    if getattr(dst, "can_write_from_file", False):
+        file_range = getattr(src, "file_range", None)
+    view = None
     while not failed.is_set():
         item = items.next()
         if item is None:
@@ -326,9 +341,31 @@ def _work(src, dst, items, zero_destination, stats, progress, failed):
             if zero_destination:
                 dst.zero(offset, length)
         else:
-            chunk = view[:length]
-            src.readinto(offset, chunk)
-            dst.write(offset, chunk)
+            where = file_range(offset, length) if file_range is not None else None
+            if where is not None:
+                dst.write_from_file(offset, where[0], where[1], length)
+            else:
+                if view is None:
+                    view = _buffer(items.request_size)
+                chunk = view[:length]
+                src.readinto(offset, chunk)
+                dst.write(offset, chunk)
         stats.add(length, zero)
         if progress is not None:
             progress(stats)
+
+
+def _buffer(size):
+    """A worker's I/O buffer.
+
+    Anonymous memory starts on a page boundary, as direct I/O on local files
+    needs (a bytearray does not). Huge pages, where the system gives them,
+    save page faults, and the pinning of every page by direct I/O.
+    """
+    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is not None:
+        # Kernels without transparent huge pages refuse the advice.
+        with contextlib.suppress(OSError):
+            buf.madvise(advice)
+    return memoryview(buf)

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from ansible_collections.thinair.ovirt.plugins.module_utils import _copy, _nbd, _qemu
+from ansible_collections.thinair.ovirt.plugins.module_utils import _copy, _file, _image, _nbd, _qemu
 from tests.helpers import qemu_io, running
 
 MiB = 1024**2
@@ -189,3 +189,25 @@ def test_extents_are_merged_and_cover_the_image(qcow2_image):
     assert at_5m.zero and not at_5m.hole
     at_8m = next(e for e in extents if e.start <= 8 * MiB < e.end)
     assert at_8m.zero and at_8m.hole
+
+
+@pytest.mark.parametrize("request_size", [100_000, 1 * MiB + 512, 8 * MiB])
+@pytest.mark.parametrize("dst_fmt", ["qcow2", "raw"])
+def test_copy_between_files(tmp_path, qcow2_image, dst_fmt, request_size):
+    """A local image read from its file into a new one written in place.
+    Requests that do not fall on pages mix direct and cached I/O in the same
+    pages and clusters."""
+    dst = str(tmp_path / f"dst.{dst_fmt}")
+    with (
+        _image.open_endpoint(qcow2_image, "qcow2") as src,
+        _image.create_endpoint(dst, dst_fmt, src.size) as out,
+    ):
+        assert isinstance(src, _file.FileReader)
+        stats = _copy.copy(src, out, workers=4, request_size=request_size)
+    compare(qcow2_image, dst)
+    # As qemu-nbd counts them (test_copy_to_new_qcow2).
+    assert stats.data_bytes == 6 * MiB + 64 * 1024 + 4096
+    if dst_fmt == "qcow2":
+        check = _qemu.check(dst, fmt="qcow2")
+        assert check["check-errors"] == 0
+        assert check.get("leaks", 0) == 0

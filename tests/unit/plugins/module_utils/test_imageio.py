@@ -13,6 +13,7 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -21,6 +22,8 @@ from ovirt_imageio import client as imageio_client
 from ansible_collections.thinair.ovirt.plugins.module_utils import (
     _checksum,
     _copy,
+    _file,
+    _image,
     _imageio,
     _qemu,
 )
@@ -40,7 +43,7 @@ DATA = [
     (IMAGE_SIZE - 64 * KiB, 64 * KiB, 0x44),
 ]
 ALLOCATED_ZEROS = [(9 * MiB, 1 * MiB)]
-DATA_BYTES = sum(length for _, length, _ in DATA)
+DATA_BYTES = sum(run[1] for run in DATA)
 
 
 # Fixtures and helpers.
@@ -73,7 +76,7 @@ def expected_layout():
     """(start, length, zero) of the source, merged."""
     layout = []
     pos = 0
-    for start, length, _ in DATA:
+    for start, length, _pattern in DATA:
         if start > pos:
             layout.append((pos, start - pos, True))
         layout.append((start, length, False))
@@ -200,7 +203,7 @@ def test_clones_share_one_extents_request(imageio_lab, make_ticket, source):
     marker = f"EXTENTS transfer={ticket.id}"
     with endpoint(imageio_lab, ticket) as ep:
         first = list(ep.extents())
-        clones = [ep.clone() for _ in range(3)]
+        clones = [ep.clone() for _clone in range(3)]
         try:
             for clone in clones:
                 assert clone.used == "host"
@@ -214,6 +217,41 @@ def test_clones_share_one_extents_request(imageio_lab, make_ticket, source):
         ep.write(5 * MiB + 64 * KiB, b"\x66" * (64 * KiB))
         assert layout(ep.extents())[2] == (3 * MiB + 64 * KiB, 2 * MiB + 64 * KiB, False)
         assert daemon_log(imageio_lab.host).count(marker) == 2
+
+
+def test_upload_size_without_extents(imageio_lab, make_ticket):
+    """A destination learns its size from a one-byte GET, not from the
+    extent map the daemon would build for the whole disk."""
+    ticket = make_ticket(imageio_lab.host, IMAGE_SIZE)
+    marker = f"EXTENTS transfer={ticket.id}"
+    with endpoint(imageio_lab, ticket, is_zero=True) as ep:
+        assert ep.size == IMAGE_SIZE
+        assert daemon_log(imageio_lab.host).count(marker) == 0
+        assert layout(ep.extents()) == [(0, IMAGE_SIZE, True)]
+        assert daemon_log(imageio_lab.host).count(marker) == 1
+
+
+def test_size_of_an_empty_ticket(imageio_lab, make_ticket):
+    """An empty ticket has no first byte: the size comes from the 416 reply."""
+    ticket = make_ticket(imageio_lab.host, MiB, fmt="raw", backend="file")
+    host = imageio_lab.host
+    empty = str(uuid.uuid4())
+    host.add_ticket(
+        {
+            "uuid": empty,
+            "size": 0,
+            "ops": ["write"],
+            "timeout": 60,
+            "url": "file://" + ticket.volume.path,
+        }
+    )
+    try:
+        with _imageio.ImageioEndpoint(
+            host.transfer_url(empty), ca_file=imageio_lab.ca_file, is_zero=True
+        ) as ep:
+            assert ep.size == 0
+    finally:
+        host.remove_ticket(empty)
 
 
 def test_upload_qcow2_to_file_ticket(imageio_lab, make_ticket, source):
@@ -234,6 +272,87 @@ def test_upload_qcow2_to_file_ticket(imageio_lab, make_ticket, source):
     assert stats.connections == 1
     ticket.close()
     compare(source, ticket.volume.path)
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+@pytest.mark.parametrize("route", ["host", "unix", "proxy"])
+def test_upload_from_file(imageio_lab, make_ticket, source, tmp_path, monkeypatch, route, fmt):
+    """A local image read from its file; on the daemon's unix socket the
+    data goes from the file to the socket with sendfile(2)."""
+    image = source
+    if fmt == "raw":
+        image = str(tmp_path / "source.raw")
+        subprocess.run(["qemu-img", "convert", "-O", "raw", source, image], check=True)
+    sent = []
+    real_sendfile = _imageio._sendfile
+
+    def counting_sendfile(sock, fd, offset, count):
+        n = real_sendfile(sock, fd, offset, count)
+        sent.append(n)
+        return n
+
+    monkeypatch.setattr(_imageio, "_sendfile", counting_sendfile)
+    ticket = make_ticket(host_for(imageio_lab, route), IMAGE_SIZE)
+    transfer_url = ticket.transfer_url
+    if route == "proxy":
+        transfer_url = unreachable(transfer_url)
+    with (
+        _image.open_endpoint(image, None) as src,
+        endpoint(imageio_lab, ticket, transfer_url=transfer_url, is_zero=True) as dst,
+    ):
+        assert isinstance(src, _file.FileReader)
+        assert dst.can_write_from_file == (route == "unix")
+        stats = _copy.copy(src, dst, workers=4, request_size=1 * MiB)
+        checksum = dst.checksum()
+    assert stats.data_bytes == DATA_BYTES
+    assert sum(sent) == (DATA_BYTES if route == "unix" else 0)
+    ticket.close()
+    compare(source, ticket.volume.path)
+    assert checksum == imageio_client.checksum(source)
+
+
+@pytest.mark.parametrize("unix_socket", ["auto", "never"])
+def test_write_from_file(imageio_lab, make_ticket, tmp_path, unix_socket):
+    """From a file at any offset; over TLS (no sendfile) through memory."""
+    data = os.urandom(3 * MiB)
+    path = tmp_path / "data"
+    path.write_bytes(data)
+    ticket = make_ticket(imageio_lab.local_host, 4 * MiB)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with endpoint(imageio_lab, ticket, unix_socket=unix_socket) as ep:
+            assert ep.can_write_from_file == (unix_socket == "auto")
+            ep.max_request = 1 * MiB
+            ep.write_from_file(4 * KiB, fd, 512 * KiB, 2 * MiB + 4 * KiB)
+            ep.flush()
+            buf = bytearray(2 * MiB + 4 * KiB)
+            ep.readinto(4 * KiB, buf)
+    finally:
+        os.close(fd)
+    assert buf == data[512 * KiB : 512 * KiB + len(buf)]
+
+
+@pytest.mark.parametrize("unix_socket", ["auto", "never"])
+def test_write_from_short_file(imageio_lab, make_ticket, tmp_path, unix_socket):
+    """A file ending before the range: the request fails, saying where the
+    file ends, and the endpoint goes on with a new connection."""
+    path = tmp_path / "short"
+    path.write_bytes(b"\x07" * (64 * KiB))
+    ticket = make_ticket(imageio_lab.local_host, 4 * MiB)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with endpoint(imageio_lab, ticket, unix_socket=unix_socket) as ep:
+            with pytest.raises(_imageio.Error) as e:
+                ep.write_from_file(0, fd, 32 * KiB, 64 * KiB)
+            assert e.value.status is None
+            assert "the local file ends at offset 65536" in str(e.value)
+            ep.write_from_file(0, fd, 0, 64 * KiB)
+            ep.flush()
+            buf = bytearray(64 * KiB)
+            ep.readinto(0, buf)
+    finally:
+        os.close(fd)
+    assert buf == b"\x07" * (64 * KiB)
 
 
 # Download.
@@ -262,6 +381,26 @@ def test_download(imageio_lab, make_ticket, source, tmp_path, route):
     assert stats.data_bytes == DATA_BYTES
     assert stats.connections == 4
     compare(source, target)
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+@pytest.mark.parametrize("route", ["host", "unix"])
+def test_download_to_file(imageio_lab, make_ticket, source, tmp_path, route, fmt):
+    """Into a new image written in place (_file), as disk_download does."""
+    ticket = make_ticket(host_for(imageio_lab, route), IMAGE_SIZE, ops=("read",), image=source)
+    target = str(tmp_path / f"download.{fmt}")
+    with endpoint(imageio_lab, ticket) as src:
+        with _image.create_endpoint(target, fmt, src.size) as dst:
+            stats = _copy.copy(src, dst, workers=4, request_size=1 * MiB)
+            written = _checksum.checksum(dst)
+        theirs = src.checksum()
+    assert stats.data_bytes == DATA_BYTES
+    subprocess.run(["qemu-img", "compare", "-q", "-F", fmt, source, target], check=True)
+    if fmt == "qcow2":
+        result = _qemu.check(target, fmt="qcow2")
+        assert result["check-errors"] == 0
+        assert result.get("leaks", 0) == 0
+    assert written == theirs == imageio_client.checksum(source)
 
 
 def test_extents_window(imageio_lab, make_ticket, source):
@@ -355,7 +494,7 @@ def test_zero_larger_than_one_request(imageio_lab, make_ticket):
         ep.write(0, b"\x12" * MiB)
         ep.write(_imageio.MAX_ZERO, b"\x12" * MiB)
         ep.write(size - MiB, b"\x12" * MiB)
-        assert [zero for _, _, zero in layout(ep.extents())] == [False, True, False, True, False]
+        assert [ext[2] for ext in layout(ep.extents())] == [False, True, False, True, False]
         ep.zero(0, size)
         ep.flush()
         assert layout(ep.extents()) == [(0, size, True)]
