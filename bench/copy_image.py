@@ -3,11 +3,12 @@
 
 """Copy a local image into a new local qcow2 through the streaming core.
 
-Both images are served by qemu-nbd, and the copy runs over NBD, exactly as
-an upload's source side does. Prints one JSON line: the copy's stats and the
-peak RSS of this process.
+By default both images are served by qemu-nbd and the copy runs over NBD;
+with --direct the core reads and writes the files itself where it can
+(_image.open_endpoint and create_endpoint, what uploads and downloads use).
+Prints one JSON line: the copy's stats and the peak RSS of this process.
 
-    python bench/copy_image.py SRC DST [--workers N]
+    python bench/copy_image.py SRC DST [--workers N] [--direct]
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".collections"))
 
-from ansible_collections.thinair.ovirt.plugins.module_utils import _copy, _qemu
+from ansible_collections.thinair.ovirt.plugins.module_utils import _copy, _image, _qemu
 
 
 def peak_rss():
@@ -35,24 +36,36 @@ def main():
     parser.add_argument("src")
     parser.add_argument("dst")
     parser.add_argument("--workers", type=int, default=_copy.DEFAULT_WORKERS)
+    parser.add_argument("--direct", action="store_true")
     args = parser.parse_args()
 
     info = _qemu.info(args.src)
-    _qemu.create(args.dst, "qcow2", info["virtual-size"])
+    if args.direct:
+        with (
+            _image.open_endpoint(args.src, info["format"]) as src,
+            _image.create_endpoint(args.dst, "qcow2", info["virtual-size"]) as dst,
+        ):
+            stats = _copy.copy(src, dst, workers=args.workers)
+    else:
+        stats = copy_over_nbd(args.src, args.dst, info, args.workers)
+    result = stats.as_dict()
+    result["peak_rss"] = peak_rss()
+    print(json.dumps(result))
+
+
+def copy_over_nbd(src_image, dst_image, info, workers):
+    _qemu.create(dst_image, "qcow2", info["virtual-size"])
     with (
-        _qemu.serve(args.src, fmt=info["format"], readonly=True) as src_export,
-        _qemu.serve(args.dst, fmt="qcow2", readonly=False) as dst_export,
+        _qemu.serve(src_image, fmt=info["format"], readonly=True) as src_export,
+        _qemu.serve(dst_image, fmt="qcow2", readonly=False) as dst_export,
     ):
         src = _copy.NbdEndpoint(src_export.url, allocation_depth=info["format"] != "raw")
         dst = _copy.NbdEndpoint(dst_export.url, is_zero=True)
         try:
-            stats = _copy.copy(src, dst, workers=args.workers)
+            return _copy.copy(src, dst, workers=workers)
         finally:
             src.close()
             dst.close()
-    result = stats.as_dict()
-    result["peak_rss"] = peak_rss()
-    print(json.dumps(result))
 
 
 if __name__ == "__main__":
