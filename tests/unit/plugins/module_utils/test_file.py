@@ -187,10 +187,10 @@ def test_open_endpoint_copies_every_image(images, tmp_path, name, dst_fmt):
     out = str(tmp_path / f"out.{dst_fmt}")
     with _image.open_endpoint(image, None) as src:
         expected = _file.FileReader if IMAGES[name] == DIRECT else _copy.NbdEndpoint
-        assert type(src) is expected
+        assert isinstance(src, expected)
         assert src.size == _qemu.info(image)["virtual-size"]
         with _image.create_endpoint(out, dst_fmt, src.size) as dst:
-            assert type(dst) is (_file.Qcow2Writer if dst_fmt == "qcow2" else _file.RawWriter)
+            assert isinstance(dst, _file.Qcow2Writer if dst_fmt == "qcow2" else _file.RawWriter)
             stats = _copy.copy(src, dst, workers=4, request_size=1 * MiB)
             written = _checksum.checksum(dst)
         ours = _checksum.checksum(src)
