@@ -35,6 +35,7 @@ from tests.integration.test_disk_upload import (
     read_progress,
     run_in_background,
     wait_for,
+    with_changes,
 )
 
 OVIRT_IMG = os.path.join(os.path.dirname(sys.executable), "ovirt-img")
@@ -329,15 +330,9 @@ def test_bad_download(modules, lab, lab_state, downloads, other_ca):
         return value.replace("OTHER_CA", other_ca).replace("DOWNLOADS", str(downloads))
 
     tasks = []
+    good = {"name": "dl-file", "dest": str(downloads / "disk.qcow2")}
     for changes, _message in BAD_DOWNLOADS.values():
-        args = {"name": "dl-file", "dest": str(downloads / "disk.qcow2")}
-        for key, value in changes.items():
-            if key == "auth":
-                args["auth"] = dict(modules.auth, **{k: fill(v) for k, v in value.items()})
-            elif value is None:
-                del args[key]
-            else:
-                args[key] = fill(value)
+        args = with_changes(good, changes, fill, modules.auth)
         tasks += [dict(modules.download(**args), check_mode=True), modules.download(**args)]
     results = modules.run(*tasks)
     for i, (case, (_changes, message)) in enumerate(BAD_DOWNLOADS.items()):

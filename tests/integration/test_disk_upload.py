@@ -893,15 +893,9 @@ def test_bad_upload(modules, lab, lab_state, images, tmp_path, other_ca, corrupt
         return value
 
     tasks = []
+    good = {"image": images["qcow2"], "storage_domain": "nfs1", "name": "bad-input"}
     for changes, _message in BAD_UPLOADS.values():
-        args = {"image": images["qcow2"], "storage_domain": "nfs1", "name": "bad-input"}
-        for key, value in changes.items():
-            if key == "auth":
-                args["auth"] = dict(modules.auth, **{k: fill(v) for k, v in value.items()})
-            elif value is None:
-                del args[key]
-            else:
-                args[key] = fill(value)
+        args = with_changes(good, changes, fill, modules.auth)
         tasks += [dict(modules.upload(**args), check_mode=True), modules.upload(**args)]
     results = modules.run(*tasks)
     for i, (case, (_changes, message)) in enumerate(BAD_UPLOADS.items()):
@@ -910,6 +904,19 @@ def test_bad_upload(modules, lab, lab_state, images, tmp_path, other_ca, corrupt
             assert fill(message) in result["msg"], (case, result["msg"])
             assert "Traceback" not in result["msg"]
     lab_state.assert_nothing_left()
+
+
+def with_changes(args, changes, fill, auth):
+    """args changed as a bad-input case says: auth keys merged, None removes an option."""
+    args = dict(args)
+    for key, value in changes.items():
+        if key == "auth":
+            args["auth"] = dict(auth, **{k: fill(v) for k, v in value.items()})
+        elif value is None:
+            del args[key]
+        else:
+            args[key] = fill(value)
+    return args
 
 
 def test_image_larger_than_existing_disk(modules, lab, lab_state, images, tmp_path):
