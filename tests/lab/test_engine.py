@@ -40,6 +40,9 @@ Phase = types.ImageTransferPhase
 # Guest data at odd offsets, zeros in between.
 WRITES = ((0, MiB, 0x11), (3 * MiB + 65536, 2 * MiB, 0x22), (IMAGE_SIZE - MiB, MiB, 0x33))
 
+# Every test starts from a settled lab and must leave it so (conftest.py).
+pytestmark = pytest.mark.usefixtures("before")
+
 
 # Helpers.
 
@@ -198,23 +201,6 @@ def assert_clean(lab, before):
 
 
 # Fixtures.
-
-
-@pytest.fixture
-def con(lab):
-    connection = lab.connection()
-    yield connection
-    connection.close()
-
-
-@pytest.fixture(autouse=True)
-def before(lab):
-    """The lab state at the start of a test; the test must leave it so, and
-    what a failed test leaves is undone for the next ones."""
-    lab.hooks.clear_faults()
-    state = lab.hooks.settled()
-    yield state
-    lab.restore(state)
 
 
 @pytest.fixture

@@ -29,6 +29,9 @@ SECTOR = 2048
 PVD_SECTOR = 16
 ISO_FILE = b"DATA.BIN;1"
 
+# Every test starts from a settled lab and must leave it so (conftest.py).
+pytestmark = pytest.mark.usefixtures("before")
+
 
 # Images.
 
@@ -145,22 +148,6 @@ def compare(image, other):
         ["qemu-img", "compare", image, other], capture_output=True, text=True, check=False
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-@pytest.fixture
-def con(lab):
-    connection = lab.connection()
-    yield connection
-    connection.close()
-
-
-@pytest.fixture(autouse=True)
-def before(lab):
-    """The lab state at the start of a test; the test must leave it so, and
-    what a failed test leaves is undone for the next ones."""
-    state = lab.hooks.settled()
-    yield state
-    lab.restore(state)
 
 
 def assert_clean(lab, before):
