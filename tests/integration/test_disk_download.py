@@ -26,6 +26,7 @@ from tests.integration.test_disk_upload import (
     LabState,
     MiB,
     Modules,
+    assert_cases_failed,
     assert_same,
     auth_of,
     failed,
@@ -335,9 +336,6 @@ def test_bad_download(modules, lab, lab_state, downloads, other_ca):
         args = with_changes(good, changes, fill, modules.auth)
         tasks += [dict(modules.download(**args), check_mode=True), modules.download(**args)]
     results = modules.run(*tasks)
-    for i, (case, (_changes, message)) in enumerate(BAD_DOWNLOADS.items()):
-        for result in results[2 * i : 2 * i + 2]:
-            assert result.get("failed") is True, (case, result)
-            assert fill(message) in result["msg"], (case, result["msg"])
+    assert_cases_failed(BAD_DOWNLOADS, results, fill)
     assert os.listdir(downloads) == []
     lab_state.assert_nothing_left()

@@ -898,11 +898,7 @@ def test_bad_upload(modules, lab, lab_state, images, tmp_path, other_ca, corrupt
         args = with_changes(good, changes, fill, modules.auth)
         tasks += [dict(modules.upload(**args), check_mode=True), modules.upload(**args)]
     results = modules.run(*tasks)
-    for i, (case, (_changes, message)) in enumerate(BAD_UPLOADS.items()):
-        for result in results[2 * i : 2 * i + 2]:
-            assert result.get("failed") is True, (case, result)
-            assert fill(message) in result["msg"], (case, result["msg"])
-            assert "Traceback" not in result["msg"]
+    assert_cases_failed(BAD_UPLOADS, results, fill)
     lab_state.assert_nothing_left()
 
 
@@ -917,6 +913,15 @@ def with_changes(args, changes, fill, auth):
         else:
             args[key] = fill(value)
     return args
+
+
+def assert_cases_failed(cases, results, fill):
+    """Each bad-input case ran twice (check mode, then for real) and failed with its message."""
+    for i, (case, (_changes, message)) in enumerate(cases.items()):
+        for result in results[2 * i : 2 * i + 2]:
+            assert result.get("failed") is True, (case, result)
+            assert fill(message) in result["msg"], (case, result["msg"])
+            assert "Traceback" not in result["msg"]
 
 
 def test_image_larger_than_existing_disk(modules, lab, lab_state, images, tmp_path):
