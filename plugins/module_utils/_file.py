@@ -118,6 +118,10 @@ REFCOUNTS_PER_BLOCK = CLUSTER_SIZE // len(REFCOUNT_ONE)
 # array("Q") holds native 64 bit integers; qcow2 stores them big-endian.
 _SWAP = sys.byteorder == "little"
 
+# preadv2(2) flag: fail with EAGAIN instead of waiting for the storage
+# (Linux 4.14, Python 3.7).
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
+
 
 class FileError(_copy.CopyError):
     """A local image file could not be read or written; the message says which and why."""
@@ -710,14 +714,21 @@ class _File:
         return os.fstat(self.fd).st_size
 
     def read(self, offset, view):
-        """Read into view from offset; return how many bytes the file had."""
+        """Read into view from offset; return how many bytes the file had.
+
+        What the page cache holds is copied from it (a read that must not
+        wait for the storage); the rest is read with direct I/O, so a copy
+        does not fill the cache with a whole image.
+        """
         length = len(view)
-        done = 0
-        if self.direct_fd is not None and _aligned(offset, length):
-            n = self._read_direct(offset, view)
+        done = self._read_cached(offset, view)
+        if done == length:
+            return done
+        if self.direct_fd is not None and _aligned(offset + done, length - done):
+            n = self._read_direct(offset + done, view[done:])
             if n is not None:
                 # Direct reads stop short only at the end of the file.
-                return n
+                return done + n
         while done < length:
             n = os.preadv(self.fd, [view[done:]], offset + done)
             if n == 0:
@@ -783,6 +794,24 @@ class _File:
             pos = hole
         if pos < end:
             yield pos, end - pos, True, True
+
+    def _read_cached(self, offset, view):
+        """Copy what the page cache holds of [offset, offset + len(view)),
+        from its start; return how many bytes that was."""
+        if _RWF_NOWAIT is None:
+            return 0
+        done = 0
+        try:
+            while done < len(view):
+                n = os.preadv(self.fd, [view[done:]], offset + done, _RWF_NOWAIT)
+                if n == 0:
+                    break
+                done += n
+        except OSError as e:
+            # EAGAIN: the rest is not cached. EOPNOTSUPP: no such reads here.
+            if e.errno not in (errno.EAGAIN, errno.EOPNOTSUPP):
+                raise
+        return done
 
     def _read_direct(self, offset, view):
         """Read with direct I/O; None when the buffer's address does not suit it."""

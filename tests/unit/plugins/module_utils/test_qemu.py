@@ -380,16 +380,44 @@ def test_serve_raw_has_no_allocation_depth(images):
         assert "--allocation-depth" not in export.argv
 
 
-def test_serve_cache_follows_direct_io(images):
-    # The test images live on a disk file system, where O_DIRECT works.
+def test_serve_cache_modes(images, tmp_path):
+    # A read-only export reads through the page cache, as qemu-img convert
+    # reads its source.
     with _qemu.serve(images["qcow2"]) as export:
-        assert "--cache=none" in export.argv
-        assert "--aio=native" in export.argv
-    # A page-cache mode brings thread-pool I/O with it.
-    with _qemu.serve(images["qcow2"], cache="writeback") as export:
         assert "--cache=writeback" in export.argv
         assert "--aio=threads" in export.argv
         assert_identical(images["src"], export.url)
+    # A writable export on a disk file system (where O_DIRECT works) writes
+    # straight to storage, as vdsm runs qemu-nbd.
+    target = tmp_path / "target.qcow2"
+    _qemu.create(str(target), "qcow2", 1024**2)
+    with _qemu.serve(str(target), readonly=False) as export:
+        assert "--cache=none" in export.argv
+        assert "--aio=native" in export.argv
+
+
+def test_serve_keeps_request_buffers(images, monkeypatch):
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    tunables = _qemu._qemu_nbd_environment()["GLIBC_TUNABLES"].split(":")
+    # The user's own tunables come last and win.
+    assert tunables == [*_qemu.QEMU_NBD_MALLOC_TUNABLES, "glibc.malloc.arena_max=2"]
+    with _qemu.serve(images["qcow2"]) as export, open(f"/proc/{export.pid}/environ", "rb") as f:
+        environ = f.read().split(b"\0")
+    # glibc cuts the variable at the first tunable while it parses it.
+    first = _qemu.QEMU_NBD_MALLOC_TUNABLES[0].encode()
+    assert any(v.startswith(b"GLIBC_TUNABLES=" + first) for v in environ)
+
+
+def test_serve_accepts_every_worker_and_the_map_reader(images):
+    # A copy with 8 workers opens 9 connections; one more than the export
+    # allows would wait forever in the handshake.
+    with _qemu.serve(images["qcow2"]) as export:
+        clients = [_nbd.Client(export.url) for _i in range(_qemu.SERVE_CONNECTIONS)]
+        try:
+            assert all(c.export_size == clients[0].export_size for c in clients)
+        finally:
+            for c in clients:
+                c.close()
 
 
 def test_serve_stops_on_exception(images, private_tmp):
