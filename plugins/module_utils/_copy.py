@@ -47,6 +47,12 @@ EXTENTS_STEP = 2 * GiB
 MAX_ZERO = GiB
 
 DEFAULT_REQUEST_SIZE = 8 * MiB
+
+# Requests to an NBD server are at most this large, as qemu-img convert
+# makes them: qemu-nbd allocates a buffer for each request in flight, and
+# with larger ones its memory grows with the copy's concurrency instead of
+# staying flat, for no gain in speed.
+NBD_REQUEST_SIZE = 2 * MiB
 DEFAULT_WORKERS = 4
 
 # Flags of the NBD "base:allocation" context (NBD proto.md, "base:allocation
@@ -140,7 +146,7 @@ class NbdEndpoint:
 
     @property
     def max_request(self):
-        return self._client.maximum_block_size
+        return min(self._client.maximum_block_size, NBD_REQUEST_SIZE)
 
     def clone(self):
         return NbdEndpoint(

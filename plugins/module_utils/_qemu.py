@@ -57,15 +57,16 @@ CHECK_LEAKS = 3
 CHECK_UNSUPPORTED = 63
 
 # glibc settings for qemu-nbd. qemu-nbd allocates a buffer for every request
-# and frees it when the reply is sent; glibc hands a large buffer back to the
-# system on free (mmap threshold, trim threshold), so every request of a
-# copy pays for fresh pages: page faults and zeroing cost as much system
-# time as moving the data. Keeping buffers of up to 32 MiB (glibc's upper
-# bound for the threshold) in the heap halves qemu-nbd's CPU time.
+# and frees it when the reply is sent; by default glibc hands such buffers
+# back to the system (mmap and trim thresholds), so every request of a copy
+# pays for fresh pages: page faults and zeroing cost as much system time as
+# moving the data. Keeping requests' buffers (up to 32 MiB, glibc's upper
+# bound for the threshold) and up to 64 MiB of free memory in the heap
+# halves qemu-nbd's CPU time.
 # https://www.gnu.org/software/libc/manual/html_node/Memory-Allocation-Tunables.html
 QEMU_NBD_MALLOC_TUNABLES = (
     "glibc.malloc.mmap_threshold=33554432",
-    "glibc.malloc.trim_threshold=268435456",
+    "glibc.malloc.trim_threshold=67108864",
 )
 
 # Connections a private export (serve()) accepts: a copy's workers (at most 8)
