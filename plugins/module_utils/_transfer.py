@@ -64,6 +64,8 @@ def run_module(module, action, description):
     if not 64 * 1024 <= params["buffer_size"] <= 32 * MiB:
         module.fail_json(msg="buffer_size must be between 64 KiB and 32 MiB")
     progress = _progress.Progress(params["progress_file"], description=description)
+    # The whole operation's deadline: the copy gives up when it passes.
+    deadline = _engine.Deadline(params["timeout"], params["poll_interval"])
     engine = None
     try:
         engine = _engine.Engine(
@@ -75,6 +77,7 @@ def run_module(module, action, description):
             insecure=params["auth"].get("insecure"),
             workers=params["max_workers"],
             request_size=params["buffer_size"],
+            deadline=deadline,
         )
         if params["transfer_host"]:
             options["host_id"] = engine.host_by_name(params["transfer_host"]).id
@@ -382,12 +385,22 @@ def _send(session, image, facts, options, progress, full_volume=None):
 
 
 def _copy_data(src, dst, options, progress):
+    deadline = options.get("deadline")
+
+    def update(stats):
+        progress.update(stats)
+        if deadline is not None and deadline.expired():
+            raise TransferError(
+                f"gave up after the timeout of {options['timeout']} s with {stats.done} of "
+                f"{stats.size} bytes copied; give a larger timeout for this image"
+            )
+
     return _copy.copy(
         src,
         dst,
         workers=options.get("workers", _copy.DEFAULT_WORKERS),
         request_size=options.get("request_size", _copy.DEFAULT_REQUEST_SIZE),
-        progress=progress.update,
+        progress=update,
     )
 
 

@@ -766,6 +766,23 @@ def test_imageio_restart_mid_upload(modules, lab, lab_state, images, tmp_path):
     assert phases[-1] == "finished_failure"
 
 
+def test_timeout_bounds_the_copy(modules, lab, lab_state, tmp_path):
+    """The copy gives up when the operation's timeout passes: the transfer is
+    cancelled and the new disk removed."""
+    image = make_full_raw(tmp_path / "slow.raw", 64 * MiB, 48 * MiB)
+    # 768 requests of 64 KiB at 50 ms each on 4 connections: about 10 s.
+    lab.hooks.slow_storage(50)
+    (result,) = modules.run(
+        modules.upload(
+            image=image, storage_domain="nfs1", name="too-slow", buffer_size=65536, timeout=4
+        )
+    )
+    failed(result, "gave up after the timeout of 4 s")
+    lab_state.assert_nothing_left()
+    (transfer,) = lab_state.new_transfers("upload")
+    assert "cancelled_user" in lab.hooks.states(transfer.id)
+
+
 def test_engine_unavailable_while_polling(modules, lab, lab_state, images, tmp_path):
     """The engine answers 503 to the next GETs of the transfer (a restart, a
     proxy in front of it): the module waits and asks again."""
