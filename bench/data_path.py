@@ -31,8 +31,9 @@ WORKERS = 4
 
 def ours(direction, image, url, ca_file, fmt):
     if direction == "upload":
-        # The format is probed once, as a module does when it inspects the image.
-        with _image.open_endpoint(image, None) as src:
+        # The format is probed once, as a module does when it inspects the
+        # image; the image is read as disk_upload reads it.
+        with _image.open_endpoint(image, None, page_cache=False) as src:
             dst = _imageio.ImageioEndpoint(url, ca_file=ca_file, is_zero=True)
             try:
                 _copy.copy(src, dst, workers=WORKERS)

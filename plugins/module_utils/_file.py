@@ -127,11 +127,13 @@ class FileError(_copy.CopyError):
     """A local image file could not be read or written; the message says which and why."""
 
 
-def open_reader(image, fmt=None):
+def open_reader(image, fmt=None, page_cache=True):
     """Return a FileReader of a local image, or None when qemu-nbd must read it.
 
     fmt: the image format, probed when None. Raises _qemu.QemuError for
     images qemu cannot read, as serving them with qemu-nbd would.
+    page_cache: copy what the page cache holds of the image from it (see
+    _File.read); when False, read everything with direct I/O.
     """
     if _qemu.is_nbd_url(image) or not _is_image_file(image):
         return None
@@ -140,6 +142,7 @@ def open_reader(image, fmt=None):
     except FileError:
         # qemu-img tells why, as it does for every image it cannot open.
         return None
+    file.page_cache = page_cache
     reader = None
     try:
         # Locked before qemu-img looks at the image, so nobody starts
@@ -656,6 +659,7 @@ class _File:
         self.path = path
         self.fd = fd
         self.direct_fd = direct_fd
+        self.page_cache = True
         self.users = 1
         self._users_lock = threading.Lock()
         self._block_device = stat.S_ISBLK(os.fstat(fd).st_mode)
@@ -717,11 +721,11 @@ class _File:
         """Read into view from offset; return how many bytes the file had.
 
         What the page cache holds is copied from it (a read that must not
-        wait for the storage); the rest is read with direct I/O, so a copy
-        does not fill the cache with a whole image.
+        wait for the storage), unless page_cache is False; the rest is read
+        with direct I/O, so a copy does not fill the cache with a whole image.
         """
         length = len(view)
-        done = self._read_cached(offset, view)
+        done = self._read_cached(offset, view) if self.page_cache else 0
         if done == length:
             return done
         if self.direct_fd is not None and _aligned(offset + done, length - done):

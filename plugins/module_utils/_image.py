@@ -56,14 +56,15 @@ def inspect(image, fmt=None, checksum_algorithm=None, checksum_block_size=None):
 
 
 @contextmanager
-def open_endpoint(image, fmt, readonly=True):
+def open_endpoint(image, fmt, readonly=True, page_cache=True):
     """Yield an endpoint reading a local image or an NBD URL.
 
     A raw file, or a qcow2 file whose data lies uncompressed in the file
     itself, is read from the file (_file.FileReader); anything else, and an
     image opened for writing, is served by qemu-nbd (_copy.NbdEndpoint).
+    page_cache: see _file.open_reader().
     """
-    endpoint = _file.open_reader(image, fmt) if readonly else None
+    endpoint = _file.open_reader(image, fmt, page_cache=page_cache) if readonly else None
     if endpoint is not None:
         try:
             yield endpoint

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import mmap
 import os
 import random
 import subprocess
@@ -271,6 +272,31 @@ def test_readinto_any_range(images, tmp_path, name):
             assert buf == expected[offset : offset + length], (offset, length)
         with pytest.raises(ValueError, match="outside the image"):
             src.readinto(SIZE - 4 * KiB, bytearray(8 * KiB))
+
+
+@pytest.mark.parametrize("page_cache", [True, False])
+def test_reads_partly_cached_image(tmp_path, page_cache):
+    """A read whose start is in the page cache and whose end is not takes
+    the first part from the cache and the rest from the storage."""
+    image = str(tmp_path / "partly-cached.raw")
+    expected = random.Random(7).randbytes(12 * MiB)
+    with open(image, "wb") as f:
+        f.write(expected)
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        # Drop the whole file from the cache, then read its first 6 MiB back
+        # in, without read-ahead.
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        os.pread(fd, 6 * MiB, 0)
+    finally:
+        os.close(fd)
+    # Page aligned, as direct I/O wants it.
+    buf = mmap.mmap(-1, 8 * MiB)
+    with _image.open_endpoint(image, "raw", page_cache=page_cache) as src:
+        src.readinto(2 * MiB, buf)
+    assert buf[:] == expected[2 * MiB : 10 * MiB]
 
 
 def test_image_info_uses_the_file(images):
