@@ -71,6 +71,7 @@ demo: setup
 bench: setup
 	$(PY) bench/run.py copy
 	$(PY) bench/run.py transfer
+	$(PY) bench/run.py transfer --host-address 127.0.0.1
 
 clean:
 	rm -rf $(VENV) .collections .cache
