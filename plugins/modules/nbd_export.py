@@ -172,7 +172,7 @@ command:
   type: list
   elements: str
   sample: ["qemu-nbd", "--fork", "--persistent", "--shared=8", "--export-name=vm1-disk1",
-           "--bind=127.0.0.1", "--port=10809", "--read-only", "--cache=none", "--aio=native",
+           "--bind=127.0.0.1", "--port=10809", "--read-only", "--cache=writeback", "--aio=threads",
            "--allocation-depth", "--format=qcow2", "/var/lib/libvirt/images/vm1-disk1.qcow2"]
 stopped_pid:
   description: Process id of the qemu-nbd that was stopped (or would be, in check mode).
