@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from tests.integration.test_disk_upload import (
+from tests.integration.transfers import (
     LabState,
     MiB,
     Modules,
