@@ -48,10 +48,10 @@ MAX_ZERO = GiB
 
 DEFAULT_REQUEST_SIZE = 8 * MiB
 
-# Requests to an NBD server are at most this large, as qemu-img convert
-# makes them: qemu-nbd allocates a buffer for each request in flight, and
-# with larger ones its memory grows with the copy's concurrency instead of
-# staying flat, for no gain in speed.
+# NbdEndpoint sends a larger read or write as requests of at most this size,
+# one after another, as qemu-img convert sizes its requests: qemu-nbd
+# allocates a buffer for each request, and with larger ones its memory grows
+# with the copy instead of staying flat, for no gain in speed.
 NBD_REQUEST_SIZE = 2 * MiB
 DEFAULT_WORKERS = 4
 
@@ -146,7 +146,7 @@ class NbdEndpoint:
 
     @property
     def max_request(self):
-        return min(self._client.maximum_block_size, NBD_REQUEST_SIZE)
+        return self._client.maximum_block_size
 
     def clone(self):
         return NbdEndpoint(
@@ -184,10 +184,14 @@ class NbdEndpoint:
             yield pending
 
     def readinto(self, offset, buf):
-        self._client.readinto(offset, buf)
+        with memoryview(buf) as view:
+            for start in range(0, len(view), NBD_REQUEST_SIZE):
+                self._client.readinto(offset + start, view[start : start + NBD_REQUEST_SIZE])
 
     def write(self, offset, buf):
-        self._client.write(offset, buf)
+        with memoryview(buf) as view:
+            for start in range(0, len(view), NBD_REQUEST_SIZE):
+                self._client.write(offset + start, view[start : start + NBD_REQUEST_SIZE])
 
     def zero(self, offset, length):
         self._client.zero(offset, length)

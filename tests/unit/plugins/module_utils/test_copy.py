@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import subprocess
 import threading
 
@@ -128,6 +129,37 @@ def test_copy_from_nbdkit_sparse_random(tmp_path):
             ["qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", url, dst_image], check=True
         )
     assert 0 < stats.data_bytes < stats.size
+
+
+def test_nbd_requests_are_split(tmp_path):
+    """A copy's 8 MiB requests reach the NBD servers as 2 MiB ones, and the
+    data arrives whole."""
+    sock = str(tmp_path / "nbdkit.sock")
+    log = tmp_path / "nbdkit.log"
+    cmd = ["nbdkit", "-f", "-U", sock, "--exit-with-parent", "--filter=log", "sparse-random",
+           "size=64M", "percent=50", "runlength=16777216", "seed=3", f"logfile={log}"]  # fmt: skip
+    dst_image = str(tmp_path / "dst.raw")
+    _qemu.create(dst_image, "raw", 64 * MiB)
+    url = f"nbd+unix:///?socket={sock}"
+    with running(cmd, sock):
+        src = _copy.NbdEndpoint(url)
+        try:
+            with _qemu.serve(dst_image, fmt="raw", readonly=False) as export:
+                dst = _copy.NbdEndpoint(export.url, is_zero=True)
+                try:
+                    stats = _copy.copy(src, dst, workers=2, request_size=8 * MiB)
+                finally:
+                    dst.close()
+        finally:
+            src.close()
+        subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", url, dst_image], check=True)
+    reads = [
+        int(c, 16)
+        for c in re.findall(r"Read id=\d+ offset=0x[0-9a-f]+ count=(0x[0-9a-f]+)", log.read_text())
+    ]
+    assert stats.data_bytes > 0
+    assert sum(reads) >= stats.data_bytes
+    assert max(reads) == _copy.NBD_REQUEST_SIZE
 
 
 def test_source_read_error_stops_every_worker(tmp_path):
