@@ -25,6 +25,7 @@ from ansible_collections.thinair.ovirt.plugins.module_utils import (
     _qemu,
 )
 from tests.helpers import qemu_io
+from tests.unit.conftest import child_pids, open_fds
 
 KiB = 1024
 MiB = 1024**2
@@ -121,23 +122,7 @@ def no_leaks():
     fds = open_fds()
     yield
     assert child_pids() <= children
-    assert open_fds() <= fds
-
-
-def child_pids():
-    pids = set()
-    for task in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{task}/children") as f:
-            pids.update(int(pid) for pid in f.read().split())
-    return pids
-
-
-def open_fds():
-    fds = set()
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(FileNotFoundError):
-            fds.add((int(fd), os.readlink(f"/proc/self/fd/{fd}")))
-    return fds
+    assert open_fds().items() <= fds.items()
 
 
 def compare(a, b):

@@ -29,6 +29,7 @@ from ansible_collections.thinair.ovirt.plugins.module_utils import (
 )
 from lab.pki import Pki
 from tests.helpers import qemu_io
+from tests.unit.conftest import child_pids
 
 KiB = 1024
 MiB = 1024**2
@@ -55,11 +56,11 @@ def no_leaks(imageio_lab):
     lab's own daemons and NBD servers aside)."""
     threads = set(threading.enumerate())
     sockets = _open_sockets()
-    children = _child_pids()
+    children = child_pids()
     yield
     assert set(threading.enumerate()) <= threads
     assert _open_sockets() <= sockets
-    assert _child_pids() - imageio_lab.processes() <= children
+    assert child_pids() - imageio_lab.processes() <= children
 
 
 @pytest.fixture(scope="module")
@@ -137,14 +138,6 @@ def _open_sockets():
         if target.startswith("socket:"):
             found.add((int(fd), target))
     return found
-
-
-def _child_pids():
-    pids = set()
-    for task in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{task}/children") as f:
-            pids.update(int(pid) for pid in f.read().split())
-    return pids
 
 
 # Upload.
