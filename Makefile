@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 COLLECTION_LINK := .collections/ansible_collections/thinair/ovirt
-SYSTEM_PACKAGES := qemu-utils qemu-system-x86 nbdkit gcc libxml2-dev libcurl4-openssl-dev libssl-dev openssl
+SYSTEM_PACKAGES := qemu-utils qemu-system-x86 nbdkit gcc libxml2-dev libcurl4-openssl-dev libssl-dev openssl e2fsprogs libdevmapper1.02.1
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
 .PHONY: setup system-packages test lint sanity unit integration molecule demo bench clean

@@ -66,6 +66,7 @@ class Lab:
         port: int | None = None,
         poll_interval: float | None = None,
         timeout: float = START_TIMEOUT,
+        guest_wait_timeout: float | None = None,
     ) -> dict:
         """Start the lab in the background and return its info; a running lab
         is returned as it is."""
@@ -78,7 +79,7 @@ class Lab:
                     f"{running['host']['address']}: stop it before changing it to {wanted}"
                 )
             return running
-        config = self._update_config(host_address, stock, port, poll_interval)
+        config = self._update_config(host_address, stock, port, poll_interval, guest_wait_timeout)
         os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
         os.makedirs(os.path.dirname(self.run_path), exist_ok=True)
         env = dict(os.environ)
@@ -131,7 +132,7 @@ class Lab:
 
     # Private helpers.
 
-    def _update_config(self, host_address, stock, port, poll_interval) -> dict:
+    def _update_config(self, host_address, stock, port, poll_interval, guest_wait_timeout) -> dict:
         os.makedirs(self.dir, exist_ok=True)
         config = _read_json(self.config_path, {})
         config.setdefault("username", USERNAME)
@@ -139,6 +140,7 @@ class Lab:
         config.setdefault("host_address", DEFAULT_HOST_ADDRESS)
         config.setdefault("stock", False)
         config.setdefault("poll_interval", 1.0)
+        config.setdefault("guest_wait_timeout", 60.0)
         if host_address is not None:
             config["host_address"] = host_address
         if stock is not None:
@@ -149,6 +151,10 @@ class Lab:
             if poll_interval <= 0:
                 raise LabError(f"Invalid poll interval {poll_interval}: use seconds > 0")
             config["poll_interval"] = poll_interval
+        if guest_wait_timeout is not None:
+            if guest_wait_timeout < 0:
+                raise LabError(f"Invalid guest wait timeout {guest_wait_timeout}: use seconds >= 0")
+            config["guest_wait_timeout"] = guest_wait_timeout
         _write_json(self.config_path, config, 0o600)
         _write_file(self.password_path, config["password"], 0o600)
         return config
@@ -312,6 +318,27 @@ class Hooks:
     def slow_storage(self, delay_ms: int) -> None:
         self.request("PUT", "/host/slow-storage", {"delay_ms": delay_ms})
 
+    def guest_write(self, vm_id: str, disk_id: str, offset: int, length: int, pattern: int):
+        """Write length bytes of pattern at offset through the running VM's device."""
+        body = {"disk": disk_id, "offset": offset, "length": length, "pattern": pattern}
+        return self.request("POST", f"/vms/{vm_id}/guest-write", body)
+
+    def console(self, vm_id: str) -> str:
+        return self.request("GET", f"/vms/{vm_id}/console")["console"]
+
+    def wait_console(self, vm_id: str, text: str, timeout: float = 60.0) -> str:
+        """The VM's console once it shows text; LabError after timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            console = self.console(vm_id)
+            if text in console:
+                return console
+            if time.monotonic() > deadline:
+                raise LabError(
+                    f"VM {vm_id} did not print {text!r} within {timeout:.0f} s; console:\n{console}"
+                )
+            time.sleep(0.2)
+
     def stock(self, value: bool | None = None) -> bool:
         """The stock switch; set it when value is given."""
         if value is None:
@@ -343,7 +370,10 @@ def serve(directory: str) -> None:
     host.start()
     engine = None
     try:
-        settings = Settings(poll_interval=float(config["poll_interval"]))
+        settings = Settings(
+            poll_interval=float(config["poll_interval"]),
+            guest_wait_timeout=float(config.get("guest_wait_timeout", 60.0)),
+        )
         engine = Engine(
             lab.dir,
             host,

@@ -99,6 +99,10 @@ class Volume:
         self.sparse = meta["sparse"]
         self.lv_size = meta.get("lv_size")
         self.initial_size = meta.get("initial_size")
+        # What qemu reads where the volume has no data: an external disk's
+        # URL (or path), opened read-only, in backing_format.
+        self.backing = meta.get("backing")
+        self.backing_format = meta.get("backing_format")
         self.path = os.path.join(domain.volumes_dir, self.id)
 
     def __repr__(self):
@@ -115,7 +119,19 @@ class Volume:
 
     def qemu_json(self, readonly: bool = False) -> str:
         """A ``json:{...}`` filename opening the volume as qemu on a host would."""
-        return "json:" + json.dumps(self._qemu_node(readonly))
+        return "json:" + json.dumps(self.qemu_node(readonly))
+
+    def qemu_node(self, readonly: bool = False) -> dict:
+        """The qemu block node description of the volume, for ``-blockdev``."""
+        file_node = self._file_node()
+        if self.format == "raw" and file_node["driver"] == "raw":
+            # The LV bound is itself a raw node.
+            node = file_node
+        else:
+            node = {"driver": self.format, "file": file_node}
+        if readonly:
+            node["read-only"] = True
+        return node
 
     def verify(self) -> None:
         """Check the volume as vdsm's VerifyUntrustedVolume does after an upload.
@@ -230,17 +246,6 @@ class Volume:
             node = {"driver": "raw", "size": self.lv_size, "file": node}
         return node
 
-    def _qemu_node(self, readonly) -> dict:
-        file_node = self._file_node()
-        if self.format == "raw" and file_node["driver"] == "raw":
-            # The LV bound is itself a raw node.
-            node = file_node
-        else:
-            node = {"driver": self.format, "file": file_node}
-        if readonly:
-            node["read-only"] = True
-        return node
-
     def _probe_filename(self) -> str:
         if self.lv_size is None:
             return self.path
@@ -332,11 +337,19 @@ class StorageDomain:
         capacity: int,
         sparse: bool,
         initial_size: int | None = None,
+        backing: tuple[str, str] | None = None,
     ) -> Volume:
         """Create a volume as vdsm's createVolume does, refusing what it refuses.
 
         An initial_size of 0 means "not given", as the engine sends it.
+        backing, (filename, format), makes a sparse qcow2 overlay on a file
+        domain whose unwritten data comes from that image: an external disk.
         """
+        if backing is not None and (fmt != "qcow2" or not sparse or self.kind != "file"):
+            raise VolumeError(
+                f"An external disk must be a sparse qcow2 volume on a file storage domain; "
+                f"{self.name} is a {self.kind} domain"
+            )
         _check_volume_id(vol_id)
         if fmt not in FORMATS:
             raise VolumeError(f"Invalid volume format {fmt!r}: use 'raw' or 'qcow2'")
@@ -369,6 +382,8 @@ class StorageDomain:
             "initial_size": initial_size,
             "created": int(time.time()),
         }
+        if backing is not None:
+            meta["backing"], meta["backing_format"] = backing
         with self._locked():
             if os.path.exists(self._meta_path(vol_id)):
                 raise VolumeError(f"Volume {vol_id} already exists in storage domain {self.name}")
@@ -486,10 +501,14 @@ class StorageDomain:
         tmp = os.path.join(self.volumes_dir, f".{meta['id']}.tmp")
         try:
             if meta["format"] == "qcow2":
+                backing = []
+                if meta.get("backing"):
+                    # -u: the caller probed the backing; do not open it again.
+                    backing = ["-u", "-b", meta["backing"], "-F", meta["backing_format"]]
                 _run(
                     [
                         "qemu-img", "create", "-q", "-f", "qcow2",
-                        "-o", f"compat={QCOW2_COMPAT}",
+                        "-o", f"compat={QCOW2_COMPAT}", *backing,
                         tmp, str(meta["capacity"]),
                     ]
                 )  # fmt: skip

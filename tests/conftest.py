@@ -38,18 +38,25 @@ class LabFixture:
         self.hooks = Hooks(info["hooks_url"], self.ca_file)
 
     def restore(self, before: dict) -> None:
-        """Undo what a failed test left: cancel open transfers, remove the
-        disks it added, so the next tests start from a known state."""
+        """Undo what a failed test left: stop and remove the VMs it added,
+        cancel open transfers, remove the disks it added, so the next tests
+        start from a known state."""
         from ovirtsdk4 import types
 
         state = self.hooks.state()
         known = {d["id"] for d in before["disks"]}
         extra = [d["id"] for d in state["disks"] if d["id"] not in known]
-        if not state["open_transfers"] and not extra:
+        known_vms = {v["id"] for v in before["vms"]}
+        extra_vms = [v["id"] for v in state["vms"] if v["id"] not in known_vms]
+        if not state["open_transfers"] and not extra and not extra_vms:
             return
         con = self.connection()
         try:
             system = con.system_service()
+            for vm_id in extra_vms:
+                vm_service = system.vms_service().vm_service(vm_id)
+                vm_service.stop()
+                vm_service.remove(detach_only=True)
             for transfer_id in state["open_transfers"]:
                 system.image_transfers_service().image_transfer_service(transfer_id).cancel()
             self.hooks.settled()
@@ -71,6 +78,16 @@ class LabFixture:
         }
         options.update(kwargs)
         return ovirtsdk4.Connection(**options)
+
+
+@pytest.fixture(scope="session")
+def guest_image(tmp_path_factory):
+    """The lab's bootable guest (lab/guest.py), raw, built once per session."""
+    from lab import guest
+
+    path = str(tmp_path_factory.mktemp("guest") / "guest.raw")
+    guest.build(path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -13,13 +13,16 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 
-from lab.engine import errors, search, xml
+from lab.engine import errors, search, vms, xml
 from lab.engine.inventory import HOST_FIELDS
 
 # The engine's sub-collection names, matched as whole path segments.
 ID = r"(?P<id>[^/]+)"
 SUB = r"(?P<sub>[^/]+)"
 VERBS = "finalize|cancel|pause|resume|extend"
+VM_VERBS = "start|stop|shutdown|reboot"
+# VM sub-collections the lab answers as empty lists, by rel.
+EMPTY_VM_LINKS = "|".join(sorted(set(xml.VM_LINKS) - {"diskattachments"}))
 
 
 class Reply:
@@ -108,6 +111,21 @@ class Api:
             ("POST", "imagetransfers", self.add_transfer),
             ("GET", f"imagetransfers/{ID}", self.get_transfer),
             ("POST", f"imagetransfers/{ID}/(?P<verb>{VERBS})", self.transfer_action),
+            ("GET", "templates", self.list_templates),
+            ("GET", f"templates/{ID}", self.get_template),
+            ("GET", "vms", self.list_vms),
+            ("POST", "vms", self.add_vm),
+            ("GET", f"vms/{ID}", self.get_vm),
+            ("PUT", f"vms/{ID}", self.update_vm),
+            ("DELETE", f"vms/{ID}", self.remove_vm),
+            ("POST", f"vms/{ID}/(?P<verb>{VM_VERBS})", self.vm_action),
+            ("GET", f"vms/{ID}/diskattachments", self.list_attachments),
+            ("POST", f"vms/{ID}/diskattachments", self.add_attachment),
+            ("GET", f"vms/{ID}/diskattachments/{SUB}", self.get_attachment),
+            ("PUT", f"vms/{ID}/diskattachments/{SUB}", self.update_attachment),
+            ("DELETE", f"vms/{ID}/diskattachments/{SUB}", self.remove_attachment),
+            ("GET", f"vms/{ID}/(?P<rel>{EMPTY_VM_LINKS})", self.list_vm_empty),
+            ("GET", f"diskprofiles/{ID}", self.get_disk_profile),
             ("GET", "jobs", self.list_jobs),
             ("GET", f"jobs/{ID}", self.get_job),
             ("GET", f"jobs/{ID}/steps", self.list_job_steps),
@@ -308,6 +326,102 @@ class Api:
             xml.parse(request.body, "action")
         self.engine.transfers.act(request.param("id"), request.param("verb"))
         return xml_reply(200, xml.action("complete"))
+
+    # Templates and VMs.
+
+    def list_templates(self, request: Request) -> Reply:
+        names = [dc["name"] for dc in self.engine.inventory.data_centers()]
+        items = self._select(request, vms.templates(), vms.template_fields(names), "templates")
+        return xml_reply(200, xml.collection("templates", [xml.template(t) for t in items]))
+
+    def get_template(self, request: Request) -> Reply:
+        for template in vms.templates():
+            if template["id"] == request.param("id"):
+                return xml_reply(200, xml.template(template))
+        raise errors.not_found()
+
+    def list_vms(self, request: Request) -> Reply:
+        service = self.engine.vms
+        items = service.list(request.search, request.case_sensitive, request.max)
+        return xml_reply(200, xml.collection("vms", [service.render(v) for v in items]))
+
+    def add_vm(self, request: Request) -> Reply:
+        service = self.engine.vms
+        vm = service.add(xml.parse(request.body, "vm"), request.correlation_id)
+        reply = xml_reply(201, service.render(vm))
+        reply.headers["Location"] = xml.href("vms", vm["id"])
+        return reply
+
+    def get_vm(self, request: Request) -> Reply:
+        service = self.engine.vms
+        return xml_reply(200, service.render(service.get(request.param("id"))))
+
+    def update_vm(self, request: Request) -> Reply:
+        service = self.engine.vms
+        node = xml.parse(request.body, "vm")
+        vm = service.update(request.param("id"), node, request.correlation_id)
+        return xml_reply(200, service.render(vm))
+
+    def remove_vm(self, request: Request) -> Reply:
+        detach_only = _boolean(request.query.get("detach_only"), default=False)
+        job_id = self.engine.vms.remove(request.param("id"), detach_only, request.correlation_id)
+        return xml_reply(200, xml.action("complete", job_id))
+
+    def vm_action(self, request: Request) -> Reply:
+        if request.body.strip():
+            xml.parse(request.body, "action")
+        service = self.engine.vms
+        job_id = getattr(service, request.param("verb"))(
+            request.param("id"), request.correlation_id
+        )
+        reply = xml.action("complete", job_id)
+        xml.ref(reply, "vm", "vms", request.param("id"))
+        return xml_reply(200, reply)
+
+    def list_attachments(self, request: Request) -> Reply:
+        service = self.engine.vms
+        service.get(request.param("id"))
+        items = [service.render_attachment(a) for a in service.attachments(request.param("id"))]
+        return xml_reply(200, xml.collection("disk_attachments", items))
+
+    def add_attachment(self, request: Request) -> Reply:
+        service = self.engine.vms
+        node = xml.parse(request.body, "disk_attachment")
+        attachment = service.attach(request.param("id"), node, request.correlation_id)
+        reply = xml_reply(201, service.render_attachment(attachment))
+        reply.headers["Location"] = xml.href(
+            "vms", attachment["vm_id"], "diskattachments", attachment["disk_id"]
+        )
+        return reply
+
+    def get_attachment(self, request: Request) -> Reply:
+        service = self.engine.vms
+        attachment = service.attachment(request.param("id"), request.param("sub"))
+        return xml_reply(200, service.render_attachment(attachment))
+
+    def update_attachment(self, request: Request) -> Reply:
+        service = self.engine.vms
+        node = xml.parse(request.body, "disk_attachment")
+        attachment = service.update_attachment(request.param("id"), request.param("sub"), node)
+        return xml_reply(200, service.render_attachment(attachment))
+
+    def remove_attachment(self, request: Request) -> Reply:
+        detach_only = _boolean(request.query.get("detach_only"), default=True)
+        self.engine.vms.detach(
+            request.param("id"), request.param("sub"), detach_only, request.correlation_id
+        )
+        return xml_reply(200, xml.action("complete"))
+
+    def list_vm_empty(self, request: Request) -> Reply:
+        self.engine.vms.get(request.param("id"))
+        return xml_reply(200, ET.Element(xml.VM_LINKS[request.param("rel")]))
+
+    def get_disk_profile(self, request: Request) -> Reply:
+        inventory = self.engine.inventory
+        for sd in inventory.storage_domains():
+            if xml.disk_profile_id(sd["id"]) == request.param("id"):
+                return xml_reply(200, xml.disk_profile(sd))
+        raise errors.not_found()
 
     # Jobs.
 

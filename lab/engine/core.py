@@ -17,6 +17,7 @@ from lab.engine.inventory import Inventory
 from lab.engine.jobs import Jobs
 from lab.engine.sso import Sso
 from lab.engine.transfers import Monitor, Transfers
+from lab.engine.vms import Vms
 
 log = logging.getLogger("engine")
 
@@ -41,6 +42,13 @@ class Settings:
     # SucceededImageTransferCleanupTimeInMinutes, FailedImageTransferCleanupTimeInMinutes
     succeeded_transfer_retention: int = 15 * 60
     failed_transfer_retention: int = 30 * 60
+    # How often running VMs are looked at (vdsm's periodic VM stats).
+    vm_poll_interval: float = 0.5
+    # vdsm's GUEST_WAIT_TIMEOUT: a VM whose guest agent never answers turns
+    # up this many seconds after it started.
+    guest_wait_timeout: float = 60.0
+    # How long a shutdown may take before the VM is reported up again.
+    shutdown_timeout: float = 120.0
 
 
 class Engine:
@@ -67,7 +75,9 @@ class Engine:
         self.jobs = Jobs(self.db, self.user["id"])
         self.disks = Disks(self)
         self.transfers = Transfers(self)
+        self.vms = Vms(self)
         self.monitor = Monitor(self)
+        self.vm_monitor = Periodic("vm-monitor", self.settings.vm_poll_interval, self.vms.poll)
         self.sso = Sso(self.db, username, password)
         self.faults = hooks.Faults()
         self.api = api.Api(self)
@@ -98,7 +108,9 @@ class Engine:
         self.transfers.recover()
         self.disks.recover(self.transfers.open_disk_ids())
         self.jobs.fail_unfinished(self.transfers.open_job_ids())
+        self.vms.recover()
         self.monitor.start()
+        self.vm_monitor.start()
         self._thread = threading.Thread(
             target=self.server.serve_forever, name="engine-http", daemon=True
         )
@@ -111,6 +123,7 @@ class Engine:
             self._thread.join()
             self._thread = None
         self.server.server_close()
+        self.vm_monitor.stop()
         self.monitor.stop()
         self.disks.wait()
         self.db.close()
@@ -137,3 +150,28 @@ class Engine:
             value = str(uuid.uuid4())
             self.db.set_meta(key, value)
         return value
+
+
+class Periodic:
+    """A thread calling a function every interval seconds until stopped."""
+
+    def __init__(self, name: str, interval: float, function):
+        self.interval = interval
+        self.function = function
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.function()
+            except Exception:
+                log.exception("%s failed", self._thread.name)

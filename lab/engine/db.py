@@ -66,7 +66,8 @@ CREATE TABLE IF NOT EXISTS disks (
     storage_domain_id TEXT NOT NULL,
     image_id TEXT UNIQUE NOT NULL,
     status TEXT NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    external_disk TEXT
 );
 CREATE TABLE IF NOT EXISTS image_transfers (
     id TEXT PRIMARY KEY,
@@ -103,6 +104,37 @@ CREATE TABLE IF NOT EXISTS jobs (
     end_time REAL,
     last_updated REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS vms (
+    id TEXT PRIMARY KEY,
+    name TEXT UNIQUE NOT NULL,
+    description TEXT NOT NULL,
+    comment TEXT NOT NULL,
+    cluster_id TEXT NOT NULL,
+    template_id TEXT NOT NULL,
+    memory INTEGER NOT NULL,
+    memory_guaranteed INTEGER NOT NULL,
+    memory_max INTEGER NOT NULL,
+    sockets INTEGER NOT NULL,
+    cores INTEGER NOT NULL,
+    threads INTEGER NOT NULL,
+    os_type TEXT NOT NULL,
+    type TEXT NOT NULL,
+    status TEXT NOT NULL,
+    host_id TEXT,
+    start_time REAL,
+    stop_time REAL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS disk_attachments (
+    disk_id TEXT PRIMARY KEY,
+    vm_id TEXT NOT NULL,
+    interface TEXT NOT NULL,
+    bootable INTEGER NOT NULL,
+    active INTEGER NOT NULL,
+    read_only INTEGER NOT NULL,
+    pass_discard INTEGER NOT NULL,
+    created REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS tokens (
     token TEXT PRIMARY KEY,
     username TEXT NOT NULL,
@@ -118,6 +150,9 @@ CREATE TABLE IF NOT EXISTS history (
 );
 """
 
+# (table, column, type) added after the first schema.
+ADDED_COLUMNS = (("disks", "external_disk", "TEXT"),)
+
 
 class Database:
     def __init__(self, path: str):
@@ -130,8 +165,16 @@ class Database:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.executescript(SCHEMA)
+            self._add_missing_columns()
             if self.get_meta("schema") is None:
                 self.set_meta("schema", SCHEMA_VERSION)
+
+    def _add_missing_columns(self) -> None:
+        # Databases of earlier labs lack columns added since.
+        for table, column, kind in ADDED_COLUMNS:
+            names = [row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")]
+            if column not in names:
+                self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         with self.lock:

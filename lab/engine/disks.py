@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 
-from lab.engine import errors, search, xml
+from lab.engine import errors, external, search, xml
 from lab.storage import StorageError
 
 log = logging.getLogger("engine.disks")
@@ -65,6 +65,9 @@ class Disks:
     def add(self, node: xml.Node, correlation_id: str | None) -> dict:
         request = self._parse_new(node)
         inventory = self.engine.inventory
+        backing = None
+        if request["external_disk"] is not None:
+            backing = external.probe(request["external_disk"], request["sd"])
         with self.db.transaction():
             self._validate_new(request)
             disk_id = request["id"] or str(uuid.uuid4())
@@ -85,13 +88,14 @@ class Disks:
                 "image_id": request["image_id"] or str(uuid.uuid4()),
                 "status": LOCKED,
                 "created": time.time(),
+                "external_disk": request["external_disk"],
             }
             self.db.insert("disks", disk)
             self.db.record("disk", disk_id, LOCKED)
             job_id = self.engine.jobs.start(f"Adding Disk {disk['alias']}", correlation_id)
         domain = inventory.domain(disk["storage_domain_id"])
         log.info("Adding disk %s (%s) on %s", disk["alias"], disk_id, domain.name)
-        self._background(self._create_volume, disk, job_id)
+        self._background(self._create_volume, disk, job_id, backing)
         return disk
 
     def get(self, disk_id: str) -> dict:
@@ -151,6 +155,8 @@ class Disks:
             disk = self.get(disk_id)
             if disk["status"] == LOCKED:
                 raise errors.object_locked(errors.ACTION_REMOVE)
+            if self.engine.vms.plugged(disk_id) is not None:
+                raise errors.disk_attached_to_running_vm(errors.ACTION_REMOVE, disk["alias"])
             job_id = self.engine.jobs.start(f"Removing Disk {disk['alias']}", correlation_id)
             self.set_status(disk_id, LOCKED)
         try:
@@ -179,10 +185,10 @@ class Disks:
     # XML.
 
     def render(self, disk: dict):
-        return xml.disk(disk, self.sizes(disk))
+        return xml.disk(self._visible(disk), self.sizes(disk))
 
     def render_snapshot(self, disk: dict, parent: str):
-        return xml.disk_snapshot(disk, self.sizes(disk), parent)
+        return xml.disk_snapshot(self._visible(disk), self.sizes(disk), parent)
 
     def sizes(self, disk: dict) -> dict:
         volume = self.volume(disk)
@@ -232,6 +238,7 @@ class Disks:
             domain.remove_volume(disk["image_id"])
         with self.db.transaction():
             self.db.delete("disks", disk["id"])
+            self.db.run("DELETE FROM disk_attachments WHERE disk_id = ?", (disk["id"],))
             self.db.record("disk", disk["id"], "removed")
         log.info("Removed disk %s (%s)", disk["alias"], disk["id"])
 
@@ -257,6 +264,10 @@ class Disks:
 
     # Private helpers.
 
+    def _visible(self, disk: dict) -> dict:
+        # A stock engine never returns external_disk.
+        return dict(disk, external_disk=None) if self.engine.stock else disk
+
     def _background(self, target, *args):
         def run():
             try:
@@ -270,7 +281,7 @@ class Disks:
             self._workers.append(worker)
         worker.start()
 
-    def _create_volume(self, disk: dict, job_id: str) -> None:
+    def _create_volume(self, disk: dict, job_id: str, backing=None) -> None:
         # AddDisk runs as a host task; the disk stays visibly locked meanwhile.
         time.sleep(self.engine.settings.disk_create_delay)
         domain = self.engine.inventory.domain(disk["storage_domain_id"])
@@ -285,6 +296,7 @@ class Disks:
                 disk["provisioned_size"],
                 bool(disk["sparse"]),
                 initial_size,
+                backing=backing,
             )
         except StorageError as e:
             log.error("Creating the volume of disk %s failed: %s", disk["id"], e)
@@ -343,7 +355,12 @@ class Disks:
         if image_id is not None:
             _check_uuid(image_id, "image id")
         sparse = node.boolean("sparse")
+        external_disk = node.text("external_disk") or None
+        if self.engine.stock:
+            # Released engines neither read nor return the field.
+            external_disk = None
         return {
+            "external_disk": external_disk,
             "id": disk_id,
             "image_id": image_id,
             "alias": node.text("alias") or node.text("name"),
@@ -399,6 +416,14 @@ class Disks:
             sd = self.db.get("storage_domains", disk["storage_domain_id"])
             return [sd["name"]] if sd else []
 
+        def vm_names(disk):
+            rows = self.db.all(
+                "SELECT v.name FROM disk_attachments a JOIN vms v ON a.vm_id = v.id "
+                "WHERE a.disk_id = ?",
+                (disk["id"],),
+            )
+            return [r["name"] for r in rows]
+
         return {
             "id": search.Field(lambda d: d["id"]),
             "name": search.Field(lambda d: d["alias"]),
@@ -413,6 +438,7 @@ class Disks:
             "storage": search.Field(domain_names),
             "storage.name": search.Field(domain_names),
             "storage.id": search.Field(lambda d: d["storage_domain_id"]),
+            "vm_names": search.Field(vm_names),
         }
 
 

@@ -28,7 +28,14 @@ ACTION_ADD = "add"
 ACTION_REMOVE = "remove"
 ACTION_EDIT = "edit"
 ACTION_TRANSFER = "transfer"
+ACTION_ATTACH = "attach"
+ACTION_RUN = "run"
+ACTION_STOP = "stop"
+ACTION_SHUTDOWN = "shutdown"
+ACTION_REBOOT = "reboot"
+ACTION_MOVE = "move"
 TYPE_DISK = "Virtual Disk"
+TYPE_VM = "VM"
 
 
 class ApiError(Exception):
@@ -183,3 +190,54 @@ def cannot_pause_download() -> ApiError:
         "Cannot pause image download as it's handled by the client. Note that it can be "
         "canceled if you wish to stop it.",
     )
+
+
+def vm_validation(action: str, message: str, status: int = CONFLICT) -> ApiError:
+    """A VM command refused: "Cannot <action> VM. <message>"."""
+    return validation(status, f"Cannot {action} {TYPE_VM}. {message}")
+
+
+def vm_name_in_use(action: str) -> ApiError:
+    return vm_validation(
+        action,
+        f"The {TYPE_VM} name is already in use, please choose a unique name and try again.",
+    )
+
+
+def vm_disks_locked(action: str, aliases: str) -> ApiError:
+    return validation(
+        CONFLICT,
+        f"Cannot {action} {TYPE_VM}: The following disks are locked: {aliases}. "
+        "Please try again in a few minutes.",
+    )
+
+
+def attach_refused(message: str) -> ApiError:
+    return validation(CONFLICT, f"Cannot {ACTION_ATTACH} {TYPE_DISK}. {message}")
+
+
+def ide_hotplug(vm_name: str) -> ApiError:
+    return validation(
+        BAD_REQUEST,
+        f"Cannot hot plug {TYPE_DISK} to {vm_name}. Hot plugging a disk to this interface is "
+        "not supported: use virtio or virtio_scsi.",
+    )
+
+
+def disk_is_plugged(alias: str) -> ApiError:
+    return validation(
+        CONFLICT,
+        f"Cannot detach {TYPE_DISK}. Disk {alias} is plugged into a running VM: "
+        "deactivate it first.",
+    )
+
+
+def disk_attached_to_running_vm(action: str, alias: str) -> ApiError:
+    return validation(
+        CONFLICT,
+        f"Cannot {action} {TYPE_DISK}. Disk {alias} is attached to a VM that is not down.",
+    )
+
+
+def hotplug_failed(alias: str, reason: str) -> ApiError:
+    return validation(INTERNAL_ERROR, f"Failed to hot-plug or unplug disk {alias}: {reason}")

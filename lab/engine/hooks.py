@@ -20,7 +20,10 @@ and out, no authentication (the engine listens on loopback only).
 - ``PUT /lab/host/slow-storage`` ``{"delay_ms": N}``: slow NBD servers
   started from now on
 - ``GET|PUT /lab/stock`` ``{"stock": true}``: behave as a released engine
-  for fields it ignores (reserved for external disks)
+  for fields it ignores (``Disk.external_disk``)
+- ``POST /lab/vms/ID/guest-write`` ``{"disk": ID, "offset": N, "length": N,
+  "pattern": P}``: write through the running VM's own device, as its guest
+  would; ``GET /lab/vms/ID/console``: the serial console
 """
 
 from __future__ import annotations
@@ -28,12 +31,14 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import json
+import os
 import re
 import threading
 import time
 
 from lab.engine import errors, xml
 from lab.engine.api import Reply
+from lab.host import HostError
 from lab.storage import StorageError
 
 PREFIX = "/lab"
@@ -141,6 +146,8 @@ class Hooks:
             ("DELETE", r"/faults", self.clear_faults),
             ("POST", r"/host/imageio/(?P<verb>restart|stop|start)", self.imageio),
             ("PUT", r"/host/slow-storage", self.slow_storage),
+            ("POST", r"/vms/(?P<id>[^/]+)/guest-write", self.guest_write),
+            ("GET", r"/vms/(?P<id>[^/]+)/console", self.console),
             ("GET", r"/stock", self.get_stock),
             ("PUT", r"/stock", self.set_stock),
         ]
@@ -173,6 +180,14 @@ class Hooks:
             "nbd_servers": host.nbd_servers(),
             "processes": host.processes(),
             "started_jobs": engine.jobs.started_ids(),
+            "vms": [
+                dict(vm, pid=self._vm_pid(vm["id"]))
+                for vm in engine.db.all("SELECT id, name, status FROM vms")
+            ],
+            "vm_processes": host.vm_ids(),
+            "disk_attachments": engine.db.all(
+                "SELECT vm_id, disk_id, active FROM disk_attachments"
+            ),
         }
 
     def history(self, match, query, payload) -> dict:
@@ -238,6 +253,38 @@ class Hooks:
         self.engine.host.slow_storage(delay)
         return {"delay_ms": delay}
 
+    def guest_write(self, match, query, payload) -> dict:
+        if not isinstance(payload, dict):
+            raise errors.bad_request(
+                'Expected {"disk": ID, "offset": N, "length": N, "pattern": P}'
+            )
+        values = {}
+        for key in ("offset", "length", "pattern"):
+            value = payload.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise errors.bad_request(f"Invalid {key!r}: expected an integer >= 0")
+            values[key] = value
+        if values["pattern"] > 0xFF:
+            raise errors.bad_request("Invalid 'pattern': expected a byte value 0-255")
+        vm = self._running_vm(match.group("id"))
+        try:
+            vm.guest_write(str(payload.get("disk")), **values)
+        except HostError as e:
+            raise errors.ApiError(errors.CONFLICT, None, str(e)) from None
+        return dict(values, disk=payload.get("disk"))
+
+    def console(self, match, query, payload) -> dict:
+        vm_id = match.group("id")
+        if self.engine.db.get("vms", vm_id) is None:
+            raise errors.ApiError(errors.NOT_FOUND, None, f"No VM {vm_id}")
+        path = os.path.join(self.engine.host.log_dir, f"vm-{vm_id}.console")
+        try:
+            with open(path, "rb") as f:
+                text = f.read().decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            text = ""
+        return {"console": text}
+
     def get_stock(self, match, query, payload) -> dict:
         return {"stock": self.engine.stock}
 
@@ -249,6 +296,18 @@ class Hooks:
         return {"stock": stock}
 
     # Private helpers.
+
+    def _vm_pid(self, vm_id: str):
+        vm = self.engine.host.vm(vm_id)
+        return vm.pid if vm is not None else None
+
+    def _running_vm(self, vm_id: str):
+        if self.engine.db.get("vms", vm_id) is None:
+            raise errors.ApiError(errors.NOT_FOUND, None, f"No VM {vm_id}")
+        vm = self.engine.host.vm(vm_id)
+        if vm is None:
+            raise errors.ApiError(errors.CONFLICT, None, f"VM {vm_id} is not running")
+        return vm
 
     def _volume(self, disk_id: str):
         disk = self.engine.db.get("disks", disk_id)

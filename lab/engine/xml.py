@@ -12,6 +12,7 @@ entities are empty elements with ``href`` and ``id``, sub-collections are
 from __future__ import annotations
 
 import time
+import uuid
 import xml.etree.ElementTree as ET
 from datetime import UTC, datetime
 
@@ -26,10 +27,41 @@ XML_HEADER = b'<?xml version="1.0" encoding="UTF-8" standalone="yes"?>\n'
 
 # Top-level collections announced by the API root, in the engine's rel names;
 # links and actions name only what the lab serves.
-SEARCHABLE = ("clusters", "datacenters", "disks", "hosts", "jobs", "storagedomains")
+SEARCHABLE = (
+    "clusters",
+    "datacenters",
+    "disks",
+    "hosts",
+    "jobs",
+    "storagedomains",
+    "templates",
+    "vms",
+)
 ROOT_LINKS = (*SEARCHABLE, "imagetransfers")
 
 TRANSFER_ACTIONS = ("cancel", "extend", "finalize", "pause", "resume")
+VM_ACTIONS = ("reboot", "shutdown", "start", "stop")
+# Sub-collections of a VM: the engine links them all; the lab serves
+# diskattachments and answers the others as empty collections.
+VM_LINKS = {
+    "affinitylabels": "affinity_labels",
+    "applications": "applications",
+    "cdroms": "cdroms",
+    "diskattachments": "disk_attachments",
+    "graphicsconsoles": "graphics_consoles",
+    "hostdevices": "host_devices",
+    "katelloerrata": "katello_errata",
+    "mediateddevices": "vm_mediated_devices",
+    "nics": "nics",
+    "numanodes": "vm_numa_nodes",
+    "permissions": "permissions",
+    "reporteddevices": "reported_devices",
+    "sessions": "sessions",
+    "snapshots": "snapshots",
+    "statistics": "statistics",
+    "tags": "tags",
+    "watchdogs": "watchdogs",
+}
 
 
 def href(*parts: str) -> str:
@@ -313,6 +345,7 @@ def _disk_fields(root: ET.Element, disk: dict, sizes: dict) -> None:
     field(root, "alias", disk["alias"])
     field(root, "backup", disk["backup"])
     field(root, "content_type", disk["content_type"])
+    field(root, "external_disk", disk.get("external_disk"))
     field(root, "format", disk["format"])
     field(root, "image_id", disk["image_id"])
     field(root, "propagate_errors", False)
@@ -333,8 +366,23 @@ def disk(d: dict, sizes: dict) -> ET.Element:
     field(root, "description", d["description"])
     link(root, "disksnapshots", href("disks", d["id"], "disksnapshots"))
     _disk_fields(root, d, sizes)
+    ref(root, "disk_profile", "diskprofiles", disk_profile_id(d["storage_domain_id"]))
     domains = ET.SubElement(root, "storage_domains")
     ref(domains, "storage_domain", "storagedomains", d["storage_domain_id"])
+    return root
+
+
+def disk_profile_id(sd_id: str) -> str:
+    """Each storage domain has one disk profile, named after it; its id is
+    derived from the domain's."""
+    return str(uuid.uuid5(uuid.UUID(sd_id), "disk_profile"))
+
+
+def disk_profile(sd: dict) -> ET.Element:
+    root = entity("disk_profile", "diskprofiles", disk_profile_id(sd["id"]))
+    field(root, "name", sd["name"])
+    link(root, "permissions", href("diskprofiles", disk_profile_id(sd["id"]), "permissions"))
+    ref(root, "storage_domain", "storagedomains", sd["id"])
     return root
 
 
@@ -381,4 +429,94 @@ def job(j: dict) -> ET.Element:
     field(root, "start_time", date(j["start_time"]))
     field(root, "status", j["status"])
     ref(root, "owner", "users", j["owner_id"])
+    return root
+
+
+def _vm_common(root: ET.Element, v: dict) -> None:
+    """Fields a VM and a template share, in the engine's order."""
+    bios = ET.SubElement(root, "bios")
+    menu = ET.SubElement(bios, "boot_menu")
+    field(menu, "enabled", False)
+    field(bios, "type", "i440fx_sea_bios")
+    cpu = ET.SubElement(root, "cpu")
+    field(cpu, "architecture", "x86_64")
+    topology = ET.SubElement(cpu, "topology")
+    field(topology, "cores", v["cores"])
+    field(topology, "sockets", v["sockets"])
+    field(topology, "threads", v["threads"])
+    field(root, "cpu_shares", 0)
+    field(root, "delete_protected", False)
+    availability = ET.SubElement(root, "high_availability")
+    field(availability, "enabled", False)
+    field(availability, "priority", 0)
+    field(root, "memory", v["memory"])
+    policy = ET.SubElement(root, "memory_policy")
+    field(policy, "ballooning", True)
+    field(policy, "guaranteed", v["memory_guaranteed"])
+    field(policy, "max", v["memory_max"])
+    field(root, "origin", "ovirt")
+    os_element = ET.SubElement(root, "os")
+    boot = ET.SubElement(os_element, "boot")
+    devices = ET.SubElement(boot, "devices")
+    field(devices, "device", "hd")
+    field(os_element, "type", v["os_type"])
+    field(root, "stateless", False)
+    field(root, "storage_error_resume_behaviour", "auto_resume")
+    field(root, "type", v["type"])
+    usb = ET.SubElement(root, "usb")
+    field(usb, "enabled", False)
+
+
+def vm(v: dict, cl: dict) -> ET.Element:
+    root = entity("vm", "vms", v["id"])
+    actions(root, href("vms", v["id"]), VM_ACTIONS)
+    field(root, "name", v["name"])
+    field(root, "description", v["description"])
+    field(root, "comment", v["comment"])
+    for rel in sorted(VM_LINKS):
+        link(root, rel, href("vms", v["id"], rel))
+    field(root, "creation_time", date(v["created"]))
+    _vm_common(root, v)
+    if v["status"] != "down":
+        field(root, "start_time", date(v["start_time"]))
+    ref(root, "cluster", "clusters", cl["id"])
+    if v["host_id"]:
+        ref(root, "host", "hosts", v["host_id"])
+    field(root, "next_run_configuration_exists", False)
+    field(root, "status", v["status"])
+    field(root, "stop_time", date(v["stop_time"] or v["created"]))
+    ref(root, "original_template", "templates", v["template_id"])
+    ref(root, "template", "templates", v["template_id"])
+    return root
+
+
+def template(t: dict) -> ET.Element:
+    root = entity("template", "templates", t["id"])
+    field(root, "name", t["name"])
+    field(root, "description", t["description"])
+    for rel in ("diskattachments", "nics", "permissions", "tags", "watchdogs"):
+        link(root, rel, href("templates", t["id"], rel))
+    values = dict(t, memory_guaranteed=t["memory"], memory_max=t["memory"] * 4)
+    _vm_common(root, values)
+    field(root, "status", "ok")
+    ver = ET.SubElement(root, "version")
+    field(ver, "version_name", "")
+    field(ver, "version_number", 1)
+    ref(ver, "base_template", "templates", t["id"])
+    return root
+
+
+def disk_attachment(a: dict) -> ET.Element:
+    root = ET.Element(
+        "disk_attachment",
+        {"href": href("vms", a["vm_id"], "diskattachments", a["disk_id"]), "id": a["disk_id"]},
+    )
+    field(root, "active", bool(a["active"]))
+    field(root, "bootable", bool(a["bootable"]))
+    field(root, "interface", a["interface"])
+    field(root, "pass_discard", bool(a["pass_discard"]))
+    field(root, "read_only", bool(a["read_only"]))
+    field(root, "uses_scsi_reservation", False)
+    ref(root, "disk", "disks", a["disk_id"])
+    ref(root, "vm", "vms", a["vm_id"])
     return root
