@@ -105,6 +105,8 @@ class Api:
             ("GET", f"disks/{ID}", self.get_disk),
             ("PUT", f"disks/{ID}", self.update_disk),
             ("DELETE", f"disks/{ID}", self.remove_disk),
+            ("POST", f"disks/{ID}/(?P<verb>move)", self.move_disk),
+            ("POST", f"vms/{ID}/disks/{SUB}/(?P<verb>move)", self.move_vm_disk),
             ("GET", f"disks/{ID}/disksnapshots", self.list_disk_snapshots),
             ("GET", f"disks/{ID}/disksnapshots/{SUB}", self.get_disk_snapshot),
             ("GET", "imagetransfers", self.list_transfers),
@@ -286,6 +288,17 @@ class Api:
         job_id = self.engine.disks.remove(request.param("id"), request.correlation_id)
         return xml_reply(200, xml.action("complete", job_id))
 
+    def move_disk(self, request: Request) -> Reply:
+        node = xml.parse(request.body, "action")
+        job_id = self.engine.moves.move(request.param("id"), node, request.correlation_id)
+        return xml_reply(200, xml.action("complete", job_id))
+
+    def move_vm_disk(self, request: Request) -> Reply:
+        self.engine.vms.attachment(request.param("id"), request.param("sub"))
+        node = xml.parse(request.body, "action")
+        job_id = self.engine.moves.move(request.param("sub"), node, request.correlation_id)
+        return xml_reply(200, xml.action("complete", job_id))
+
     def list_disk_snapshots(self, request: Request) -> Reply:
         disks = self.engine.disks
         disk_id = request.param("id")
@@ -433,8 +446,10 @@ class Api:
         return xml_reply(200, xml.job(self.engine.jobs.get(request.param("id"))))
 
     def list_job_steps(self, request: Request) -> Reply:
-        self.engine.jobs.get(request.param("id"))
-        return xml_reply(200, ET.Element("steps"))
+        jobs = self.engine.jobs
+        jobs.get(request.param("id"))
+        items = [xml.step(st) for st in jobs.steps(request.param("id"))]
+        return xml_reply(200, xml.collection("steps", items))
 
     # Private helpers.
 

@@ -15,6 +15,7 @@ from lab.engine.db import Database
 from lab.engine.disks import Disks
 from lab.engine.inventory import Inventory
 from lab.engine.jobs import Jobs
+from lab.engine.moves import Moves
 from lab.engine.sso import Sso
 from lab.engine.transfers import Monitor, Transfers
 from lab.engine.vms import Vms
@@ -76,6 +77,7 @@ class Engine:
         self.disks = Disks(self)
         self.transfers = Transfers(self)
         self.vms = Vms(self)
+        self.moves = Moves(self)
         self.monitor = Monitor(self)
         self.vm_monitor = Periodic("vm-monitor", self.settings.vm_poll_interval, self.vms.poll)
         self.sso = Sso(self.db, username, password)

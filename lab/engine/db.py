@@ -135,6 +135,17 @@ CREATE TABLE IF NOT EXISTS disk_attachments (
     pass_discard INTEGER NOT NULL,
     created REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS steps (
+    id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    description TEXT NOT NULL,
+    status TEXT NOT NULL,
+    progress INTEGER,
+    start_time REAL NOT NULL,
+    end_time REAL
+);
 CREATE TABLE IF NOT EXISTS tokens (
     token TEXT PRIMARY KEY,
     username TEXT NOT NULL,

@@ -453,7 +453,8 @@ def _space_needed(request: dict, block: bool) -> int:
 def _qcow_version(volume) -> str:
     """qcow2_v2 or qcow2_v3, from the compat level qemu-img reports."""
     info = subprocess.run(
-        ["qemu-img", "info", "--output", "json", volume.qemu_json(readonly=True)],
+        # -U: a running VM may hold the volume.
+        ["qemu-img", "info", "-U", "--output", "json", volume.qemu_json(readonly=True)],
         capture_output=True,
         text=True,
         check=False,

@@ -72,6 +72,43 @@ class Jobs:
             if changed:
                 self.db.record("job", job_id, status)
 
+    def add_step(self, job_id: str, description: str, step_type: str = "executing") -> str:
+        """A step of a running job (step.EXECUTING and its kind), started now."""
+        step_id = str(uuid.uuid4())
+        with self.db.transaction():
+            number = self.db.one("SELECT COUNT(*) AS n FROM steps WHERE job_id = ?", (job_id,))["n"]
+            self.db.insert(
+                "steps",
+                {
+                    "id": step_id,
+                    "job_id": job_id,
+                    "number": number,
+                    "type": step_type,
+                    "description": description,
+                    "status": STARTED,
+                    "progress": None,
+                    "start_time": time.time(),
+                    "end_time": None,
+                },
+            )
+            self._touch(job_id)
+        return step_id
+
+    def step_progress(self, step_id: str, percent: int) -> None:
+        with self.db.transaction():
+            self.db.update("steps", step_id, progress=max(0, min(100, percent)))
+
+    def end_step(self, step_id: str, succeeded: bool) -> None:
+        status = FINISHED if succeeded else FAILED
+        with self.db.transaction():
+            self.db.run(
+                "UPDATE steps SET status = ?, end_time = ? WHERE id = ? AND status = ?",
+                (status, time.time(), step_id, STARTED),
+            )
+
+    def steps(self, job_id: str) -> list[dict]:
+        return self.db.all("SELECT * FROM steps WHERE job_id = ? ORDER BY number", (job_id,))
+
     def get(self, job_id: str) -> dict:
         job = self.db.get("jobs", job_id)
         if job is None:
@@ -97,3 +134,7 @@ class Jobs:
             "DELETE FROM jobs WHERE (status = ? AND end_time < ?) OR (status = ? AND end_time < ?)",
             (FINISHED, now - SUCCEEDED_RETENTION, FAILED, now - FAILED_RETENTION),
         )
+        self.db.run("DELETE FROM steps WHERE job_id NOT IN (SELECT id FROM jobs)")
+
+    def _touch(self, job_id: str) -> None:
+        self.db.run("UPDATE jobs SET last_updated = ? WHERE id = ?", (time.time(), job_id))

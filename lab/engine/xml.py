@@ -520,3 +520,19 @@ def disk_attachment(a: dict) -> ET.Element:
     ref(root, "disk", "disks", a["disk_id"])
     ref(root, "vm", "vms", a["vm_id"])
     return root
+
+
+def step(st: dict) -> ET.Element:
+    root = ET.Element(
+        "step", {"href": href("jobs", st["job_id"], "steps", st["id"]), "id": st["id"]}
+    )
+    field(root, "description", st["description"])
+    field(root, "end_time", date(st["end_time"]))
+    field(root, "external", False)
+    field(root, "number", st["number"])
+    field(root, "progress", st["progress"])
+    field(root, "start_time", date(st["start_time"]))
+    field(root, "status", st["status"])
+    field(root, "type", st["type"])
+    ref(root, "job", "jobs", st["job_id"])
+    return root

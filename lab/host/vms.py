@@ -65,7 +65,7 @@ class VmDisk:
     """A disk as a VM sees it: its chain (a qemu block node description),
     the interface, and whether it boots the VM or is read-only."""
 
-    def __init__(self, disk_id, node, interface, bootable=False, read_only=False):
+    def __init__(self, disk_id, node, interface, bootable=False, read_only=False, node_name=None):
         if interface not in INTERFACES:
             raise VmError(
                 f"Disk interface {interface!r} is not supported by the lab: use "
@@ -76,11 +76,9 @@ class VmDisk:
         self.interface = interface
         self.bootable = bootable
         self.read_only = read_only
-
-    @property
-    def node_name(self) -> str:
-        # qemu limits node names to 31 characters.
-        return "d" + self.id.replace("-", "")[:30]
+        # qemu limits node names to 31 characters; a moved disk's node is
+        # named after its new volume.
+        self.node_name = node_name or "d" + disk_id.replace("-", "")[:30]
 
     @property
     def device_id(self) -> str:
@@ -250,12 +248,86 @@ class Vm:
                 time.sleep(0.1)
         del self.disks[disk_id]
 
+    def mirror(self, disk_id: str, target: dict, node_name: str) -> str:
+        """Start mirroring the disk's whole chain into target (a block node
+        description without a backing) as live storage migration does: the
+        guest's writes go to both sides while the copy runs. Returns the job id."""
+        disk = self._disk(disk_id)
+        job_id = "mirror-" + disk.node_name
+        self.qmp("blockdev-add", **dict(target, **{"node-name": node_name}))
+        try:
+            self.qmp(
+                "blockdev-mirror",
+                **{
+                    "job-id": job_id,
+                    "device": disk.node_name,
+                    "target": node_name,
+                    "sync": "full",
+                    "copy-mode": "write-blocking",
+                    "auto-dismiss": False,
+                },
+            )
+        except VmError:
+            with contextlib.suppress(VmError):
+                self.qmp("blockdev-del", **{"node-name": node_name})
+            raise
+        return job_id
+
+    def block_job(self, job_id: str) -> dict | None:
+        """The job as query-jobs reports it (status, current and total
+        progress, error), or None when it is gone."""
+        for job in self.qmp("query-jobs"):
+            if job["id"] == job_id:
+                return job
+        return None
+
+    def pivot(self, disk_id: str, job_id: str, node: dict, node_name: str,
+              timeout: float = QMP_TIMEOUT) -> None:  # fmt: skip
+        """Complete a ready mirror: the device switches to the target node,
+        whose description becomes the disk's chain; the old chain is closed."""
+        disk = self._disk(disk_id)
+        self.qmp("job-complete", id=job_id)
+        self._wait_job(job_id, "concluded", timeout)
+        job = self.block_job(job_id)
+        self.qmp("job-dismiss", id=job_id)
+        if job is not None and job.get("error"):
+            raise VmError(f"Mirror of disk {disk_id} failed: {job['error']}")
+        # The old top node and the backing it opened go; the NBD server of an
+        # external disk is no longer needed.
+        self.qmp("blockdev-del", **{"node-name": disk.node_name})
+        self.disks[disk_id] = VmDisk(
+            disk.id, node, disk.interface, disk.bootable, disk.read_only, node_name=node_name
+        )
+
+    def cancel_mirror(self, job_id: str, node_name: str, timeout: float = QMP_TIMEOUT) -> None:
+        """Stop a mirror and drop its target; the VM goes on with its chain."""
+        job = self.block_job(job_id)
+        if job is not None:
+            if job["status"] not in ("concluded", "null"):
+                with contextlib.suppress(VmError):
+                    self.qmp("job-cancel", id=job_id, force=True)
+                self._wait_job(job_id, "concluded", timeout)
+            with contextlib.suppress(VmError):
+                self.qmp("job-dismiss", id=job_id)
+        with contextlib.suppress(VmError):
+            self.qmp("blockdev-del", **{"node-name": node_name})
+
     def guest_write(self, disk_id: str, offset: int, length: int, pattern: int):
         """Write through the VM's own device, as its guest would."""
         disk = self._disk(disk_id)
         self.hmp(f'qemu-io -d {disk.backend} "write -P {pattern} {offset} {length}"')
         # The write is done when the command returns; a flush makes it durable.
         self.hmp(f'qemu-io -d {disk.backend} "flush"')
+
+    def _wait_job(self, job_id: str, status: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.block_job(job_id)
+            if job is None or job["status"] == status:
+                return
+            if time.monotonic() > deadline:
+                raise VmError(f"Block job {job_id} is still {job['status']} after {timeout:.0f} s")
+            time.sleep(0.05)
 
     def hmp(self, command: str) -> str:
         output = self.qmp("human-monitor-command", **{"command-line": command})
