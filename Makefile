@@ -72,6 +72,7 @@ bench: setup
 	$(PY) bench/run.py copy
 	$(PY) bench/run.py transfer
 	$(PY) bench/run.py transfer --host-address 127.0.0.1
+	$(PY) bench/run.py vm
 
 clean:
 	rm -rf $(VENV) .collections .cache

@@ -3,7 +3,7 @@
 
 """Benchmarks, each against its reference measured in the same run.
 
-    .venv/bin/python bench/run.py copy|transfer [--dir DIR] [--rounds N]
+    .venv/bin/python bench/run.py copy|transfer|vm [--dir DIR] [--rounds N]
 
 copy: a local image into a new local qcow2 through the streaming core
 against `qemu-img convert` of the same image: (a) 6 GiB with 1.5 GiB of
@@ -20,6 +20,9 @@ against the ovirt-img CLI) and the data path alone (module_utils against
 ovirt_imageio.client, into the same kind of disk and transfer), with
 `qemu-img convert` of the same image between local files as the limit.
 
+vm: on a lab, engine start to a running VM, to the guest's ready line and to
+up, and a live storage migration against qemu-img convert (bench/vms.py).
+
 Prints wall time, CPU seconds (user+sys, child processes included), peak
 RSS and the ratios, as tables ready for the README.
 """
@@ -34,6 +37,8 @@ import subprocess
 import sys
 import time
 from functools import partial
+
+from vms import print_vm_tables, vm_suite
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -58,7 +63,7 @@ def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("suite", choices=["copy", "transfer"])
+    parser.add_argument("suite", choices=["copy", "transfer", "vm"])
     parser.add_argument("--dir", default=os.path.join(ROOT, ".cache", "bench"))
     parser.add_argument("--rounds", type=int, default=2, help="best of N runs of each command")
     parser.add_argument(
@@ -69,7 +74,10 @@ def main():
     )
     args = parser.parse_args()
     os.makedirs(args.dir, exist_ok=True)
-    if args.suite == "copy":
+    if args.suite == "vm":
+        rows = vm_suite(args.dir, args.rounds)
+        print_vm_tables(rows)
+    elif args.suite == "copy":
         rows = copy_suite(args.dir, args.rounds)
         print_table(rows, "qemu-img")
         print()

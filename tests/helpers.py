@@ -39,3 +39,16 @@ def running(cmd, socket):
     finally:
         proc.terminate()
         proc.wait()
+
+
+def wait_for(predicate, timeout=30.0, what="condition"):
+    """The first true value predicate returns, polling every 0.1 s; an
+    AssertionError after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"Timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)

@@ -7,16 +7,22 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 
 from lab.host.errors import HostError
-from lab.host.process import START_TIMEOUT, Process, tail, unix_socket_answers, unlink
+from lab.host.process import START_TIMEOUT, Process, tail, unlink
 
 # What vdsm sets: as many NBD clients sharing one qemu-nbd as imageio opens
 # connections per ticket.
 NBD_SHARED = 8
 # Longest server id start_nbd builds a socket name from (a UUID).
 NBD_ID_MAX = 36
+
+# What an NBD server sends first on every connection (NBD protocol,
+# "Newstyle negotiation").
+NBD_GREETING = b"NBDMAGIC"
+GREETING_TIMEOUT = 1.0
 
 QEMU_NBD = "qemu-nbd"
 NBDKIT = "nbdkit"
@@ -118,7 +124,7 @@ class NbdServer:
     def _spawn(self, argv, key, sock):
         process = Process.spawn(argv, self.log_path, self.host.pid_dir, key, sockets=[sock])
         deadline = time.monotonic() + START_TIMEOUT
-        while not unix_socket_answers(sock):
+        while not _greets(sock):
             if not process.alive():
                 process.stop()
                 raise HostError(
@@ -163,3 +169,22 @@ def supports_direct_io(path, readonly) -> bool:
         return False
     os.close(fd)
     return True
+
+
+def _greets(path) -> bool:
+    """True once the server at path sends the NBD greeting. qemu-nbd binds
+    its socket before it opens the image, so a socket that accepts is not
+    yet a server that works: one failing to open the image closes it."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(GREETING_TIMEOUT)
+        try:
+            s.connect(path)
+            greeting = b""
+            while len(greeting) < len(NBD_GREETING):
+                chunk = s.recv(len(NBD_GREETING) - len(greeting))
+                if not chunk:
+                    return False
+                greeting += chunk
+        except OSError:
+            return False
+        return greeting == NBD_GREETING

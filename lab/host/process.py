@@ -102,15 +102,6 @@ def free_port(address) -> int:
         return s.getsockname()[1]
 
 
-def unix_socket_answers(path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(path)
-        except OSError:
-            return False
-        return True
-
-
 def start_time(pid):
     """The process start time in clock ticks since boot, or None if gone."""
     try:

@@ -69,6 +69,7 @@ def test_ovirt_vm_and_ovirt_disk(lab, ovirt_ansible, guest_image):
         )
     }
     boot_disk = {
+        "register": "boot",
         "ovirt.ovirt.ovirt_disk": dict(
             auth,
             vm_name=vm["name"],
@@ -79,7 +80,7 @@ def test_ovirt_vm_and_ovirt_disk(lab, ovirt_ansible, guest_image):
             interface="virtio",
             bootable=True,
             storage_domain="nfs1",
-        )
+        ),
     }
     data_disk = {
         "ovirt.ovirt.ovirt_disk": dict(
@@ -102,6 +103,12 @@ def test_ovirt_vm_and_ovirt_disk(lab, ovirt_ansible, guest_image):
             data_disk,
             {"ovirt.ovirt.ovirt_vm": dict(auth, **vm, state="running", wait=True)},
             {"ovirt.ovirt.ovirt_vm": dict(auth, **vm, state="running", wait=True)},
+            # Changing a running VM's disk's domain is a live storage migration.
+            {
+                "ovirt.ovirt.ovirt_disk": dict(
+                    auth, id="{{ boot.id }}", vm_name=vm["name"], storage_domain="iscsi1"
+                )
+            },
             {"ovirt.ovirt.ovirt_vm": dict(auth, **vm, state="stopped", wait=True)},
             {"ovirt.ovirt.ovirt_vm": dict(auth, **vm, state="absent", wait=True)},
             {"ovirt.ovirt.ovirt_vm": dict(auth, **vm, state="absent", wait=True)},
@@ -111,10 +118,17 @@ def test_ovirt_vm_and_ovirt_disk(lab, ovirt_ansible, guest_image):
     failed = [r for r in results if r.get("failed")]
     assert not failed, failed
     changed = [r.get("changed") for r in results[1:-1]]
-    assert changed == [True, False, True, True, False, True, False, True, True, False]
+    assert changed == [True, False, True, True, False, True, False, True, True, True, False]
     created = results[1]
     assert created["vm"]["memory"] == 256 * 1024**2
     assert created["vm"]["status"] == "down"
+    con = lab.connection()
+    try:
+        jobs = con.system_service().jobs_service().list(search="description=Migrating*")
+    finally:
+        con.close()
+    migration = f"Migrating Disk ovirt-ovirt-boot from nfs1 to iscsi1 of VM {vm['name']}"
+    assert [j.status.value for j in jobs if j.description == migration] == ["finished"]
     # state: running waited for up (the guest agent answered), stopped for down.
     assert lab.hooks.states(created["id"]) == [
         "down", "wait_for_launch", "powering_up", "up", "powering_down", "down", "removed",

@@ -28,6 +28,7 @@ from ovirtsdk4 import types
 
 from lab.lab import Hooks, Lab
 from lab.pki import Pki
+from tests.helpers import wait_for
 
 MiB = 1024**2
 IMAGE_SIZE = 20 * MiB
@@ -45,17 +46,6 @@ pytestmark = pytest.mark.usefixtures("before")
 
 
 # Helpers.
-
-
-def wait_for(predicate, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"Timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def make_image(path, fmt="raw", size=IMAGE_SIZE, writes=WRITES, compressed=False, options=()):

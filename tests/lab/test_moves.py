@@ -20,17 +20,17 @@ import pytest
 from ovirtsdk4 import types
 
 from lab import guest
-from tests.helpers import running
+from tests.helpers import running, wait_for
 from tests.lab.test_external import add_external, digest, qemu_nbd
 from tests.lab.test_ovirt_img import ovirt_img
 from tests.lab.test_vms import (
     add_vm,
+    add_vm_disk,
     attach,
     sequence,
     upload,
     vms,
     wait_disk_ok,
-    wait_for,
     wait_vm,
 )
 
@@ -319,26 +319,39 @@ def test_live_move_needs_an_up_vm(lab, con):
     # Without a guest agent the VM stays powering_up: oVirt refuses LSM then.
     vm = add_vm(con)
     service = vms(con).vm_service(vm.id)
-    attachment = service.disk_attachments_service().add(
-        types.DiskAttachment(
-            disk=types.Disk(
-                name="lsm-powering-up",
-                format=types.DiskFormat.COW,
-                provisioned_size=64 * MiB,
-                storage_domains=[types.StorageDomain(name="nfs1")],
-            ),
-            interface=types.DiskInterface.VIRTIO,
-            bootable=True,
-        )
-    )
-    wait_disk_ok(con, attachment.disk.id)
+    disk = add_vm_disk(con, vm.id)
     service.start()
     wait_vm(con, vm.id, types.VmStatus.POWERING_UP, timeout=10)
     with pytest.raises(sdk.Error) as e:
-        disks(con).disk_service(attachment.disk.id).move(
-            storage_domain=types.StorageDomain(name="iscsi1")
-        )
+        disks(con).disk_service(disk.id).move(storage_domain=types.StorageDomain(name="iscsi1"))
     assert e.value.code == 409
     assert "should be either in Up or Paused status" in str(e.value)
     service.stop()
     service.remove()
+
+
+def test_live_move_to_a_full_domain_fails_cleanly(lab, con, tmp_path, source):
+    # A live move's target on block storage is allocated for the whole disk:
+    # a sparse 200 GiB disk does not fit in iscsi1 (100 GiB).
+    image = str(tmp_path / "huge.raw")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", image, str(200 * 1024**3)], check=True)
+    sock = str(tmp_path / "huge.sock")
+    with qemu_nbd(image, sock=sock):
+        disk = add_external(con, f"nbd:unix:{sock}", 200 * 1024**3)
+        wait_disk_ok(con, disk.id)
+        boot = upload(lab, con, source, "nfs1", "move-full-boot")
+        vm = add_vm(con)
+        service = vms(con).vm_service(vm.id)
+        attach(con, vm.id, boot.id, bootable=True, active=True)
+        attach(con, vm.id, disk.id, types.DiskInterface.VIRTIO_SCSI, active=True)
+        service.start()
+        wait_vm(con, vm.id, types.VmStatus.UP, timeout=45)
+        job = wait_job(con, move(con, disk.id, "iscsi1"))
+        assert job.status == types.JobStatus.FAILED
+        wait_disk_ok(con, disk.id)
+        assert domain_of(con, disk.id) == "scratch"
+        assert volumes(lab, lab.hooks.volume(disk.id)["id"]) == ["scratch"]
+        assert service.get().status == types.VmStatus.UP
+        service.stop()
+        service.remove()
+    assert not [d for d in lab.hooks.state()["disks"] if d["id"] in (disk.id, boot.id)]

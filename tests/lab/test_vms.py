@@ -18,6 +18,7 @@ from ovirt_imageio import client
 from ovirtsdk4 import types
 
 from lab import guest
+from tests.helpers import wait_for
 
 MiB = 1024**2
 GiB = 1024**3
@@ -28,17 +29,6 @@ pytestmark = pytest.mark.usefixtures("before")
 
 
 # Helpers.
-
-
-def wait_for(predicate, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"Timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def vms(con):
@@ -406,6 +396,31 @@ def test_vm_runs_the_guest(lab, con, guest_image):
     subprocess.run(["qemu-img", "compare", expected, volume["qemu_json"]], check=True)
     os.unlink(expected)
 
+    # A reset reboots the guest, which goes on with its sequence.
+    service.reboot()
+    wait_for(
+        lambda: lab.hooks.console(vm.id).count(guest.READY) == 2, 45, "the guest's second boot"
+    )
+    # Live storage migration of an ordinary disk, from file to block storage.
+    correlation_id = str(uuid.uuid4())
+    con.system_service().disks_service().disk_service(boot.id).move(
+        storage_domain=types.StorageDomain(name="iscsi1"), query={"correlation_id": correlation_id}
+    )
+    jobs = con.system_service().jobs_service()
+    job = wait_for(
+        lambda: (
+            (found := jobs.list(search=f"correlation_id={correlation_id}"))
+            and found[0].status != types.JobStatus.STARTED
+            and found[0]
+        ),
+        60,
+        "the move",
+    )
+    assert job.status == types.JobStatus.FINISHED
+    wait_disk_ok(con, boot.id)
+    assert lab.hooks.volume(boot.id)["domain"] == "iscsi1"
+    assert service.get().status == Status.UP
+
     time.sleep(1)
     service.shutdown()
     assert service.get().status == Status.POWERING_DOWN
@@ -451,23 +466,74 @@ def test_vm_without_guest_agent_stays_powering_up(lab, con):
     # lab reports powering_up until GUEST_WAIT_TIMEOUT (60 s) has passed.
     vm = add_vm(con)
     service = vms(con).vm_service(vm.id)
-    service.disk_attachments_service().add(
-        types.DiskAttachment(
-            disk=types.Disk(
-                name="lab-empty",
-                format=types.DiskFormat.COW,
-                provisioned_size=64 * MiB,
-                storage_domains=[types.StorageDomain(name="nfs1")],
-            ),
-            interface=types.DiskInterface.VIRTIO,
-            bootable=True,
-        )
-    )
-    attachment = service.disk_attachments_service().list()[0]
-    wait_disk_ok(con, attachment.disk.id)
+    add_vm_disk(con, vm.id)
     service.start()
     wait_vm(con, vm.id, Status.POWERING_UP, timeout=10)
     time.sleep(3)
     assert service.get().status == Status.POWERING_UP
     service.stop()
     service.remove()
+
+
+def test_stopping_the_lab_stops_its_vms(tmp_path, guest_image):
+    from lab.lab import Hooks, Lab
+
+    lab = Lab(str(tmp_path / "lab"))
+    info = lab.start()
+    try:
+        hooks = Hooks(info["hooks_url"], info["ca_file"])
+        con = connect(info)
+        try:
+            vm = add_vm(con)
+            disk = add_vm_disk(con, vm.id)
+            vms(con).vm_service(vm.id).start()
+            wait_vm(con, vm.id, Status.POWERING_UP, timeout=10)
+            pid = hooks.state()["vms"][0]["pid"]
+            assert os.path.exists(f"/proc/{pid}")
+        finally:
+            con.close()
+    finally:
+        lab.stop()
+    assert not os.path.exists(f"/proc/{pid}")
+    # Started again, the lab finds the VM down and its disk in place.
+    info = lab.start()
+    try:
+        con = connect(info)
+        try:
+            assert vms(con).vm_service(vm.id).get().status == Status.DOWN
+            assert con.system_service().disks_service().disk_service(disk.id).get()
+        finally:
+            con.close()
+    finally:
+        lab.stop()
+
+
+def connect(info):
+    return sdk.Connection(
+        url=info["engine_url"],
+        username=info["username"],
+        password=info["password"],
+        ca_file=info["ca_file"],
+    )
+
+
+def add_vm_disk(con, vm_id):
+    attachment = (
+        vms(con)
+        .vm_service(vm_id)
+        .disk_attachments_service()
+        .add(
+            types.DiskAttachment(
+                disk=types.Disk(
+                    name=f"disk-{uuid.uuid4().hex[:8]}",
+                    format=types.DiskFormat.COW,
+                    provisioned_size=64 * MiB,
+                    storage_domains=[types.StorageDomain(name="nfs1")],
+                ),
+                interface=types.DiskInterface.VIRTIO,
+                bootable=True,
+            )
+        )
+    )
+    wait_disk_ok(con, attachment.disk.id)
+    return attachment.disk
