@@ -41,8 +41,8 @@ from lab.storage import StorageError
 log = logging.getLogger("engine.moves")
 
 VOLUME_FORMATS = {"cow": "qcow2", "raw": "raw"}
-# How often a running mirror or copy is looked at.
-POLL_INTERVAL = 0.2
+# How often a running mirror is looked at.
+POLL_INTERVAL = 0.05
 AUTO_SNAPSHOT = "Auto-generated for Live Storage Migration"
 PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 

@@ -434,10 +434,25 @@ class Vms:
                 log.exception("Following VM %s failed", vm["name"])
 
     def recover(self) -> None:
-        """At start-up: a VM the host does not run is down."""
+        """At start-up: take over the VMs whose qemu still runs, as a
+        restarted engine finds them on its hosts; the others are down."""
+        host = self.engine.host
         for vm in self.db.all("SELECT * FROM vms WHERE status != ?", (DOWN,)):
-            if self.engine.host.vm(vm["id"]) is None:
+            adopted = None
+            if vm["status"] != WAIT_FOR_LAUNCH:
+                try:
+                    disks = [self._vm_disk(d, a) for d, a in self._plugged_disks(vm["id"])]
+                    adopted = host.adopt_vm(
+                        vm["id"], vm["name"], vm["memory"], vm["sockets"], vm["cores"],
+                        vm["threads"], disks,
+                    )  # fmt: skip
+                except HostError as e:
+                    log.warning("Cannot take over VM %s: %s", vm["name"], e)
+            if adopted is None:
                 self._set_down(vm["id"])
+            else:
+                log.info("VM %s still runs (pid %s)", vm["name"], adopted.pid)
+        host.reap_vms()
 
     # XML.
 

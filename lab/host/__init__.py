@@ -125,7 +125,7 @@ class Host:
                 os.makedirs(path, exist_ok=True)
             daemon_was_running = self._daemon.running()
             if not (daemon_was_running or self._proxy.running() or self._nbd):
-                self._reap_stale()
+                self._reap_stale(keep_vms=True)
             # File-backend tickets open volumes with O_DIRECT.
             storage.check_direct_io(self.state_dir)
             try:
@@ -296,6 +296,16 @@ class Host:
             raise
         return vm
 
+    def adopt_vm(self, vm_id, name, memory, sockets, cores, threads, disks) -> Vm | None:
+        """The VM's qemu an earlier lab process left running, taken over, or
+        None when it is gone."""
+        vm = Vm(self, vm_id, name, memory, sockets, cores, threads, disks, self.accel)
+        if not vm.adopt():
+            return None
+        with self._lock:
+            self._vms[vm_id] = vm
+        return vm
+
     def vm(self, vm_id) -> Vm | None:
         with self._lock:
             return self._vms.get(vm_id)
@@ -312,6 +322,13 @@ class Host:
     def vm_ids(self) -> list[str]:
         with self._lock:
             return sorted(self._vms)
+
+    def reap_vms(self) -> None:
+        """Stop VMs an earlier lab process left that nobody adopted."""
+        for pid_file in list_dir(self.pid_dir):
+            vm_id = pid_file[len("vm-") : -len(".json")]
+            if pid_file.startswith("vm-") and pid_file.endswith(".json") and not self.vm(vm_id):
+                Process.reap(os.path.join(self.pid_dir, pid_file))
 
     def processes(self) -> list[int]:
         """Pids of every process this host runs now."""
@@ -350,9 +367,11 @@ class Host:
         if errors:
             raise HostError(f"Stopping host {self.name} failed: {errors[0]}") from errors[0]
 
-    def _reap_stale(self):
+    def _reap_stale(self, keep_vms=False):
+        # VMs run on when the lab process dies, as they do when an engine or
+        # vdsm restarts: a starting host leaves them to the engine to adopt.
         for pid_file in list_dir(self.pid_dir):
-            if pid_file.endswith(".json"):
+            if pid_file.endswith(".json") and not (keep_vms and pid_file.startswith("vm-")):
                 Process.reap(os.path.join(self.pid_dir, pid_file))
         for daemon in (self._daemon, self._proxy):
             unlink(daemon.control_socket)

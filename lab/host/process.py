@@ -27,13 +27,27 @@ STOP_TIMEOUT = 10.0
 
 class Process:
     """A child process with a pid file naming it, so that a later lab process
-    can stop it even after this one died."""
+    can stop it even after this one died, or take it over (adopt)."""
 
-    def __init__(self, popen, pid_file, sockets):
+    def __init__(self, popen, pid_file, sockets, pid=None, start=None):
         self.popen = popen
-        self.pid = popen.pid
+        self.pid = popen.pid if popen is not None else pid
+        self.start = start
         self.pid_file = pid_file
         self.sockets = sockets
+
+    @classmethod
+    def adopt(cls, pid_file):
+        """The still running process a pid file names, or None."""
+        try:
+            with open(pid_file) as f:
+                info = json.load(f)
+        except (OSError, ValueError):
+            return None
+        pid = info.get("pid")
+        if not isinstance(pid, int) or start_time(pid) != info.get("start"):
+            return None
+        return cls(None, pid_file, info.get("sockets", []), pid=pid, start=info["start"])
 
     @classmethod
     def spawn(cls, argv, log_path, pid_dir, key, sockets=()):
@@ -79,10 +93,15 @@ class Process:
         unlink(pid_file)
 
     def alive(self) -> bool:
+        if self.popen is None:
+            return start_time(self.pid) == self.start
         return self.popen.poll() is None
 
     def stop(self):
-        if self.popen.poll() is None:
+        if self.popen is None:
+            if self.alive():
+                terminate_foreign(self.pid, self.start)
+        elif self.popen.poll() is None:
             self.popen.terminate()
             try:
                 self.popen.wait(STOP_TIMEOUT)

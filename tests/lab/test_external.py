@@ -192,3 +192,28 @@ def test_guest_boots_from_external_disk(lab, con, tmp_path, source):
         service.remove()
     assert digest(source) == before
     assert lab.hooks.state()["vm_processes"] == []
+
+
+def test_read_error_pauses_the_vm(lab, con, tmp_path, source):
+    # With its NBD server gone, the guest's firmware cannot read the disk
+    # after a reset: qemu stops the VM (rerror=stop) and the engine says paused.
+    sock = str(tmp_path / "nbd.sock")
+    with qemu_nbd(source, sock=sock) as server:
+        disk = add_external(con, f"nbd:unix:{sock}", os.path.getsize(source))
+        wait_disk_ok(con, disk.id)
+        vm = add_vm(con)
+        attach(con, vm.id, disk.id, bootable=True, active=True)
+        service = vms(con).vm_service(vm.id)
+        service.start()
+        wait_vm(con, vm.id, types.VmStatus.UP, timeout=45)
+        server.kill()
+        server.wait()
+        service.reboot()
+        wait_vm(con, vm.id, types.VmStatus.PAUSED, timeout=30)
+        # start resumes a paused VM; the read fails again and it pauses again.
+        service.start()
+        wait_vm(con, vm.id, types.VmStatus.PAUSED, timeout=30)
+        assert "up" in lab.hooks.states(vm.id)[-3:]
+        service.stop()
+        service.remove()
+    assert lab.hooks.state()["vm_processes"] == []

@@ -11,6 +11,7 @@ import os
 import subprocess
 import time
 import uuid
+from types import SimpleNamespace
 
 import ovirtsdk4 as sdk
 import pytest
@@ -18,6 +19,7 @@ from ovirt_imageio import client
 from ovirtsdk4 import types
 
 from lab import guest
+from lab.host.process import start_time
 from tests.helpers import wait_for
 
 MiB = 1024**2
@@ -489,12 +491,12 @@ def test_stopping_the_lab_stops_its_vms(tmp_path, guest_image):
             vms(con).vm_service(vm.id).start()
             wait_vm(con, vm.id, Status.POWERING_UP, timeout=10)
             pid = hooks.state()["vms"][0]["pid"]
-            assert os.path.exists(f"/proc/{pid}")
+            assert start_time(pid) is not None
         finally:
             con.close()
     finally:
         lab.stop()
-    assert not os.path.exists(f"/proc/{pid}")
+    assert start_time(pid) is None
     # Started again, the lab finds the VM down and its disk in place.
     info = lab.start()
     try:
@@ -537,3 +539,41 @@ def add_vm_disk(con, vm_id):
     )
     wait_disk_ok(con, attachment.disk.id)
     return attachment.disk
+
+
+def test_a_restarted_lab_takes_over_its_running_vms(tmp_path, guest_image):
+    from lab.lab import Hooks, Lab
+
+    lab = Lab(str(tmp_path / "lab"))
+    info = lab.start()
+    try:
+        con = connect(info)
+        try:
+            boot = upload(SimpleNamespace(ca_file=info["ca_file"]), con, guest_image,
+                          "nfs1", "adopted-boot")  # fmt: skip
+            vm = add_vm(con)
+            attach(con, vm.id, boot.id, bootable=True, active=True)
+            vms(con).vm_service(vm.id).start()
+            wait_vm(con, vm.id, Status.UP, timeout=45)
+        finally:
+            con.close()
+        pid = Hooks(info["hooks_url"], info["ca_file"]).state()["vms"][0]["pid"]
+        # The lab process dies; its VM runs on, as VMs outlive an engine.
+        os.kill(info["pid"], 9)
+        wait_for(lambda: not lab.status()["running"], 10, "the lab process to end")
+        assert start_time(pid) is not None
+        info = lab.start()
+        hooks = Hooks(info["hooks_url"], info["ca_file"])
+        assert hooks.state()["vms"][0]["pid"] == pid
+        con = connect(info)
+        try:
+            service = vms(con).vm_service(vm.id)
+            assert service.get().status == Status.UP
+            hooks.guest_write(vm.id, boot.id, 32 * MiB, 65536, 0x3C)
+            service.shutdown()
+            wait_vm(con, vm.id, Status.DOWN, timeout=30)
+        finally:
+            con.close()
+    finally:
+        lab.stop()
+    assert start_time(pid) is None
