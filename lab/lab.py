@@ -323,6 +323,10 @@ class Hooks:
         body = {"disk": disk_id, "offset": offset, "length": length, "pattern": pattern}
         return self.request("POST", f"/vms/{vm_id}/guest-write", body)
 
+    def vm_checksum(self, vm_id: str, disk_id: str, **query) -> dict:
+        """imageio's checksum of what the running VM sees of the disk."""
+        return self.request("GET", f"/vms/{vm_id}/disks/{disk_id}/checksum", **query)
+
     def console(self, vm_id: str) -> str:
         return self.request("GET", f"/vms/{vm_id}/console")["console"]
 

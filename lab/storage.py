@@ -172,24 +172,9 @@ class Volume:
         Computed on the guest-visible data of the volume in its own format,
         like a download through the NBD backend would see it.
         """
-        if algorithm not in hashlib.algorithms_available:
-            raise VolumeError(
-                f"Unsupported checksum algorithm {algorithm!r}: use one of "
-                f"{', '.join(sorted(hashlib.algorithms_available))}"
-            )
-        if not (
-            CHECKSUM_MIN_BLOCK_SIZE <= block_size <= CHECKSUM_MAX_BLOCK_SIZE
-            and block_size % CHECKSUM_ALIGNMENT == 0
-        ):
-            raise VolumeError(
-                f"Invalid checksum block size {block_size}: use a multiple of "
-                f"{CHECKSUM_ALIGNMENT} between {CHECKSUM_MIN_BLOCK_SIZE} and "
-                f"{CHECKSUM_MAX_BLOCK_SIZE}"
-            )
+        check_checksum(algorithm, block_size)
         # Fails fast, with qemu's reason, when a writer holds the volume.
         _qemu_img_info(self.qemu_json(readonly=True))
-        # imageio's own code computes it, so the value is the daemon's by
-        # construction (the lab is not shipped, so it may use internals).
         # A block volume is bounded by its LV, as a host sees it.
         with tempfile.TemporaryDirectory(prefix="lab-checksum-") as tmp:
             sock = UnixAddress(os.path.join(tmp, "sock"))
@@ -198,12 +183,7 @@ class Volume:
                     self.path, self.format, sock, read_only=True, shared=1, size=self.lv_size
                 )
                 with server:
-                    url = urlparse(sock.url())
-                    with (
-                        nbd_backend.open(url, "r") as backend,
-                        util.aligned_buffer(block_size) as buf,
-                    ):
-                        return imageio_checksum.compute(backend, buf, algorithm=algorithm)
+                    return nbd_checksum(sock.url(), algorithm, block_size)
             except RuntimeError as e:
                 raise VolumeError(f"Cannot checksum volume {self.id}: {e}") from None
 
@@ -554,6 +534,36 @@ class StorageDomain:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def check_checksum(algorithm: str, block_size: int) -> None:
+    """VolumeError unless imageio's /checksum would accept these."""
+    if algorithm not in hashlib.algorithms_available:
+        raise VolumeError(
+            f"Unsupported checksum algorithm {algorithm!r}: use one of "
+            f"{', '.join(sorted(hashlib.algorithms_available))}"
+        )
+    if not (
+        CHECKSUM_MIN_BLOCK_SIZE <= block_size <= CHECKSUM_MAX_BLOCK_SIZE
+        and block_size % CHECKSUM_ALIGNMENT == 0
+    ):
+        raise VolumeError(
+            f"Invalid checksum block size {block_size}: use a multiple of "
+            f"{CHECKSUM_ALIGNMENT} between {CHECKSUM_MIN_BLOCK_SIZE} and "
+            f"{CHECKSUM_MAX_BLOCK_SIZE}"
+        )
+
+
+def nbd_checksum(url: str, algorithm: str, block_size: int) -> dict:
+    """The checksum imageio's ``/checksum`` returns for what the NBD server
+    at url serves. imageio's own code computes it, so the value is the
+    daemon's by construction (the lab is not shipped, so it may use
+    internals)."""
+    with (
+        nbd_backend.open(urlparse(url), "r") as backend,
+        util.aligned_buffer(block_size) as buf,
+    ):
+        return imageio_checksum.compute(backend, buf, algorithm=algorithm)
 
 
 def check_direct_io(directory: str) -> None:

@@ -23,7 +23,9 @@ and out, no authentication (the engine listens on loopback only).
   for fields it ignores (``Disk.external_disk``)
 - ``POST /lab/vms/ID/guest-write`` ``{"disk": ID, "offset": N, "length": N,
   "pattern": P}``: write through the running VM's own device, as its guest
-  would; ``GET /lab/vms/ID/console``: the serial console
+  would; ``GET /lab/vms/ID/console``: the serial console; ``GET
+  /lab/vms/ID/disks/DISK_ID/checksum``: imageio's checksum of what the VM
+  sees of the disk
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import time
 from lab.engine import errors, xml
 from lab.engine.api import Reply
 from lab.host import HostError
-from lab.storage import StorageError
+from lab.storage import CHECKSUM_BLOCK_SIZE, StorageError
 
 PREFIX = "/lab"
 
@@ -148,6 +150,7 @@ class Hooks:
             ("PUT", r"/host/slow-storage", self.slow_storage),
             ("POST", r"/vms/(?P<id>[^/]+)/guest-write", self.guest_write),
             ("GET", r"/vms/(?P<id>[^/]+)/console", self.console),
+            ("GET", r"/vms/(?P<id>[^/]+)/disks/(?P<disk>[^/]+)/checksum", self.vm_checksum),
             ("GET", r"/stock", self.get_stock),
             ("PUT", r"/stock", self.set_stock),
         ]
@@ -181,7 +184,7 @@ class Hooks:
             "processes": host.processes(),
             "started_jobs": engine.jobs.started_ids(),
             "vms": [
-                dict(vm, pid=self._vm_pid(vm["id"]))
+                dict(vm, **self._vm_process(vm["id"]))
                 for vm in engine.db.all("SELECT id, name, status FROM vms")
             ],
             "vm_processes": host.vm_ids(),
@@ -213,14 +216,9 @@ class Hooks:
 
     def checksum(self, match, query, payload) -> dict:
         volume = self._volume(match.group("id"))
-        kwargs = {"algorithm": query.get("algorithm", "blake2b")}
-        if "block_size" in query:
-            try:
-                kwargs["block_size"] = int(query["block_size"])
-            except ValueError:
-                raise errors.bad_request("Invalid 'block_size': expected bytes") from None
+        algorithm, block_size = _checksum_query(query)
         try:
-            return volume.checksum(**kwargs)
+            return volume.checksum(algorithm, block_size)
         except StorageError as e:
             raise errors.bad_request(str(e)) from None
 
@@ -273,6 +271,14 @@ class Hooks:
             raise errors.ApiError(errors.CONFLICT, None, str(e)) from None
         return dict(values, disk=payload.get("disk"))
 
+    def vm_checksum(self, match, query, payload) -> dict:
+        vm = self._running_vm(match.group("id"))
+        algorithm, block_size = _checksum_query(query)
+        try:
+            return vm.checksum(match.group("disk"), algorithm, block_size)
+        except (HostError, StorageError) as e:
+            raise errors.ApiError(errors.CONFLICT, None, str(e)) from None
+
     def console(self, match, query, payload) -> dict:
         vm_id = match.group("id")
         if self.engine.db.get("vms", vm_id) is None:
@@ -297,9 +303,17 @@ class Hooks:
 
     # Private helpers.
 
-    def _vm_pid(self, vm_id: str):
+    def _vm_process(self, vm_id: str) -> dict:
+        """The VM's qemu: pid, block jobs, the external images it reads."""
         vm = self.engine.host.vm(vm_id)
-        return vm.pid if vm is not None else None
+        if vm is None:
+            return {"pid": None, "block_jobs": [], "reads": []}
+        try:
+            jobs = vm.block_jobs()
+        except HostError:
+            jobs = []
+        reads = sorted(d.reads for d in vm.disks.values() if d.reads)
+        return {"pid": vm.pid, "block_jobs": jobs, "reads": reads}
 
     def _running_vm(self, vm_id: str):
         if self.engine.db.get("vms", vm_id) is None:
@@ -317,6 +331,14 @@ class Hooks:
         if volume is None:
             raise errors.ApiError(errors.CONFLICT, None, f"Disk {disk_id} has no volume yet")
         return volume
+
+
+def _checksum_query(query: dict) -> tuple[str, int]:
+    try:
+        block_size = int(query.get("block_size", CHECKSUM_BLOCK_SIZE))
+    except ValueError:
+        raise errors.bad_request("Invalid 'block_size': expected bytes") from None
+    return query.get("algorithm", "blake2b"), block_size
 
 
 def _json_body(body: bytes):

@@ -539,6 +539,7 @@ class Vms:
             attachment["interface"],
             bootable=bool(attachment["bootable"]),
             read_only=bool(attachment["read_only"]),
+            reads=volume.backing,
         )
 
     def _hotplug(self, vm: dict, disk: dict, attachment: dict) -> None:

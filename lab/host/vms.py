@@ -24,10 +24,12 @@ import os
 import socket
 import threading
 import time
+import uuid
 
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
+from lab import storage
 from lab.host.errors import HostError
 from lab.host.process import START_TIMEOUT, Process, tail, unlink
 
@@ -67,7 +69,9 @@ class VmDisk:
     """A disk as a VM sees it: its chain (a qemu block node description),
     the interface, and whether it boots the VM or is read-only."""
 
-    def __init__(self, disk_id, node, interface, bootable=False, read_only=False, node_name=None):
+    def __init__(
+        self, disk_id, node, interface, bootable=False, read_only=False, node_name=None, reads=None
+    ):
         if interface not in INTERFACES:
             raise VmError(
                 f"Disk interface {interface!r} is not supported by the lab: use "
@@ -81,6 +85,8 @@ class VmDisk:
         # qemu limits node names to 31 characters; a moved disk's node is
         # named after its new volume.
         self.node_name = node_name or "d" + disk_id.replace("-", "")[:30]
+        # The external image the chain reads (an NBD URL or a path), if any.
+        self.reads = reads
 
     @property
     def device_id(self) -> str:
@@ -132,6 +138,8 @@ class Vm:
         self.accel = accel
         self.qmp_socket = os.path.join(host.vm_dir, vm_id + ".qmp")
         self.agent_socket = os.path.join(host.vm_dir, vm_id + ".qga")
+        self.nbd_socket = os.path.join(host.vm_dir, vm_id + ".nbd")
+        self._nbd_server = False
         self.log_path = os.path.join(host.log_dir, f"vm-{vm_id}.log")
         self.console_path = os.path.join(host.log_dir, f"vm-{vm_id}.console")
         self._process: Process | None = None
@@ -217,8 +225,8 @@ class Vm:
             self._process.stop()
             self._process = None
         self._close_agent()
-        unlink(self.qmp_socket)
-        unlink(self.agent_socket)
+        for path in (self.qmp_socket, self.agent_socket, self.nbd_socket):
+            unlink(path)
 
     def guest_agent_answers(self) -> bool:
         """True when the guest agent answers a ping, as vdsm polls
@@ -299,6 +307,10 @@ class Vm:
             raise
         return job_id
 
+    def block_jobs(self) -> list[dict]:
+        return [{"id": j["id"], "type": j["type"], "status": j["status"]}
+                for j in self.qmp("query-jobs")]  # fmt: skip
+
     def block_job(self, job_id: str) -> dict | None:
         """The job as query-jobs reports it (status, current and total
         progress, error), or None when it is gone."""
@@ -337,6 +349,34 @@ class Vm:
                 self.qmp("job-dismiss", id=job_id)
         with contextlib.suppress(VmError):
             self.qmp("blockdev-del", **{"node-name": node_name})
+
+    def checksum(self, disk_id: str, algorithm: str, block_size: int) -> dict:
+        """imageio's checksum of the disk as the VM sees it now, read through
+        an NBD export of the device's node by the VM's own NBD server."""
+        disk = self._disk(disk_id)
+        storage.check_checksum(algorithm, block_size)
+        node = None
+        for block in self.qmp("query-block"):
+            if block.get("qdev") == disk.backend and "inserted" in block:
+                node = block["inserted"]["node-name"]
+        if node is None:
+            raise VmError(f"Disk {disk_id} has no medium in VM {self.name}")
+        if not self._nbd_server:
+            unlink(self.nbd_socket)
+            # nbd-server-start takes the legacy socket address form.
+            self.qmp("nbd-server-start", addr={"type": "unix", "data": {"path": self.nbd_socket}})
+            self._nbd_server = True
+        export = "checksum-" + uuid.uuid4().hex[:8]
+        self.qmp("block-export-add", type="nbd", id=export, **{"node-name": node}, name=export)
+        try:
+            return storage.nbd_checksum(
+                f"nbd:unix:{self.nbd_socket}:exportname={export}", algorithm, block_size
+            )
+        except RuntimeError as e:
+            raise VmError(f"Cannot checksum disk {disk_id} of VM {self.name}: {e}") from None
+        finally:
+            with contextlib.suppress(VmError):
+                self.qmp("block-export-del", id=export)
 
     def guest_write(self, disk_id: str, offset: int, length: int, pattern: int):
         """Write through the VM's own device, as its guest would."""

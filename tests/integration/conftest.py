@@ -42,8 +42,12 @@ class Ansible:
     def playbook(self, tasks, check=False, extra_vars=None):
         """Run tasks on localhost; return the task results in order (failed ones too)."""
         play = [{"hosts": "localhost", "gather_facts": False, "tasks": tasks}]
+        return self.run(yaml.safe_dump(play), check, extra_vars)
+
+    def run(self, playbook, check=False, extra_vars=None):
+        """Run a playbook given as YAML text; the task results in order."""
         path = self.tmp_path / "playbook.yml"
-        path.write_text(yaml.safe_dump(play))
+        path.write_text(playbook)
         cmd = [os.path.join(BIN, "ansible-playbook"), "-i", self.inventory, str(path)]
         if check:
             cmd.append("--check")

@@ -17,6 +17,7 @@ import uuid
 
 import ovirtsdk4 as sdk
 import pytest
+from ovirt_imageio import client
 from ovirtsdk4 import types
 
 from lab import guest
@@ -41,6 +42,10 @@ pytestmark = pytest.mark.usefixtures("before")
 
 
 # Helpers.
+
+
+def vm_state(lab, vm_id):
+    return next(v for v in lab.hooks.state()["vms"] if v["id"] == vm_id)
 
 
 def disks(con):
@@ -221,6 +226,8 @@ def test_live_move_of_external_disks(lab, con, tmp_path, source, target):
         wait_vm(con, vm.id, types.VmStatus.UP, timeout=45)
         lab.hooks.wait_console(vm.id, guest.READY)
 
+        urls = sorted([f"nbd:unix:{boot_sock}", f"nbd:unix:{data_sock}"])
+        assert vm_state(lab, vm.id)["reads"] == urls
         writer = GuestWriter(lab, vm.id, data_disk.id)
         writer.write(3 * MiB, 2 * MiB, 0x21)
         writer.start(7 * MiB)
@@ -230,6 +237,7 @@ def test_live_move_of_external_disks(lab, con, tmp_path, source, target):
         data_move = move(con, data_disk.id, target)
         time.sleep(0.5)
         assert disks(con).disk_service(data_disk.id).get().status == types.DiskStatus.LOCKED
+        assert len(vm_state(lab, vm.id)["block_jobs"]) == 2
         boot_job, data_job = wait_job(con, boot_move), wait_job(con, data_move)
         writer.stop()
         assert boot_job.status == data_job.status == types.JobStatus.FINISHED
@@ -249,6 +257,11 @@ def test_live_move_of_external_disks(lab, con, tmp_path, source, target):
         wait_disk_ok(con, disk_id)
         assert domain_of(con, disk_id) == target
         assert volumes(lab, lab.hooks.volume(disk_id)["id"]) == [target]
+    state = vm_state(lab, vm.id)
+    assert state["reads"] == [] and state["block_jobs"] == []
+    # What the VM sees is the source plus every write.
+    expected = writer.expected(data, str(tmp_path / "expected.raw"))
+    assert lab.hooks.vm_checksum(vm.id, data_disk.id) == client.checksum(expected)
 
     service.shutdown()
     wait_vm(con, vm.id, types.VmStatus.DOWN, timeout=30)
@@ -259,7 +272,6 @@ def test_live_move_of_external_disks(lab, con, tmp_path, source, target):
     downloaded = str(tmp_path / "downloaded.raw")
     proc = ovirt_img(lab, tmp_path, "download-disk", "--format", "raw", data_disk.id, downloaded)
     assert proc.returncode == 0, proc.stderr
-    expected = writer.expected(data, str(tmp_path / "expected.raw"))
     subprocess.run(["qemu-img", "compare", expected, downloaded], check=True)
     assert {path: digest(path) for path in sources} == sources
     service.remove()
