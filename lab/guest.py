@@ -193,8 +193,18 @@ def build(path: str, size: int | None = None, fmt: str = "raw", cache: str = DEF
 def _fetch(cache: str) -> list[str]:
     """The .deb files of the guest, downloaded into cache when missing."""
     os.makedirs(cache, exist_ok=True)
-    kernel = _kernel_package()
-    wanted = (kernel, *PACKAGES)
+    try:
+        return _download(cache)
+    except GuestError:
+        if os.geteuid() != 0:
+            raise
+    # Package lists missing or older than the archive: refresh them once.
+    _run(["apt-get", "update", "-q"])
+    return _download(cache)
+
+
+def _download(cache: str) -> list[str]:
+    wanted = (_kernel_package(), *PACKAGES)
     missing = [p for p in wanted if not _cached(cache, p)]
     if missing:
         proc = subprocess.run(

@@ -31,8 +31,9 @@ POWERING_UP = "powering_up"
 UP = "up"
 PAUSED = "paused"
 POWERING_DOWN = "powering_down"
-REBOOT_IN_PROGRESS = "reboot_in_progress"
-RUNNING = (WAIT_FOR_LAUNCH, POWERING_UP, UP, PAUSED, POWERING_DOWN, REBOOT_IN_PROGRESS)
+RUNNING = (WAIT_FOR_LAUNCH, POWERING_UP, UP, PAUSED, POWERING_DOWN)
+# What the monitor follows: a VM still being launched is not looked at yet.
+FOLLOWED = (POWERING_UP, UP, PAUSED, POWERING_DOWN)
 
 # The Blank template every engine has (its id is fixed), and what a VM made
 # from it gets when the request leaves a field out.
@@ -64,7 +65,6 @@ DISPLAY_NAMES = {
     UP: "Up",
     PAUSED: "Paused",
     POWERING_DOWN: "Powering Down",
-    REBOOT_IN_PROGRESS: "Reboot In Progress",
 }
 
 
@@ -244,13 +244,14 @@ class Vms:
                 self.engine.jobs.end(job_id, succeeded=True)
                 return job_id
             running = self.engine.host.vm(vm_id)
-            if vm["status"] in (WAIT_FOR_LAUNCH, PAUSED) or running is None:
-                # Nothing in the guest can take the button: power off.
-                shutdown = None
-            else:
-                shutdown = time.monotonic() + self.engine.settings.shutdown_timeout
+            # Nothing in the guest can take the button then: power off.
+            power_off = vm["status"] in (WAIT_FOR_LAUNCH, PAUSED) or running is None
+            if not power_off:
+                # Known to the monitor before it sees powering_down.
+                deadline = time.monotonic() + self.engine.settings.shutdown_timeout
+                self._shutdowns[vm_id] = (deadline, vm["status"])
                 self._set_status(vm_id, POWERING_DOWN)
-        if shutdown is None:
+        if power_off:
             self.engine.host.destroy_vm(vm_id)
             self._set_down(vm_id)
         else:
@@ -258,7 +259,6 @@ class Vms:
                 running.powerdown()
             except HostError as e:
                 log.warning("Shutdown of VM %s failed: %s", vm["name"], e)
-            self._shutdowns[vm_id] = (shutdown, vm["status"])
         self.engine.jobs.end(job_id, succeeded=True)
         return job_id
 
@@ -268,11 +268,10 @@ class Vms:
             if vm["status"] not in (UP, POWERING_UP):
                 raise errors.vm_validation(errors.ACTION_REBOOT, "VM is not running.")
             job_id = self.engine.jobs.start(f"Rebooting VM {vm['name']}", correlation_id)
-        running = self.engine.host.vm(vm_id)
         succeeded = True
         try:
-            running.reset()
-        except (HostError, AttributeError) as e:
+            self._running(vm).reset()
+        except HostError as e:
             log.warning("Reboot of VM %s failed: %s", vm["name"], e)
             succeeded = False
         self.engine.jobs.end(job_id, succeeded=succeeded)
@@ -388,8 +387,8 @@ class Vms:
                     if active:
                         self._hotplug(vm, disk, dict(attachment, **changes))
                     else:
-                        self.engine.host.vm(vm_id).unplug(disk_id)
-                except (HostError, AttributeError) as e:
+                        self._running(vm).unplug(disk_id)
+                except HostError as e:
                     raise errors.hotplug_failed(disk["alias"], str(e)) from None
             changes["active"] = int(active)
         if changes:
@@ -427,7 +426,8 @@ class Vms:
 
     def poll(self) -> None:
         """Follow every running VM, as the engine follows vdsm's reports."""
-        for vm in self.db.all("SELECT * FROM vms WHERE status IN (?, ?, ?, ?, ?)", _FOLLOWED):
+        marks = ", ".join("?" for _ in FOLLOWED)
+        for vm in self.db.all(f"SELECT * FROM vms WHERE status IN ({marks})", FOLLOWED):
             try:
                 self._follow(vm)
             except Exception:
@@ -488,10 +488,9 @@ class Vms:
 
     def _resume(self, vm: dict, correlation_id: str | None) -> str:
         job_id = self.engine.jobs.start(f"Launching VM {vm['name']}", correlation_id)
-        running = self.engine.host.vm(vm["id"])
         try:
-            running.resume()
-        except (HostError, AttributeError) as e:
+            self._running(vm).resume()
+        except HostError as e:
             self.engine.jobs.end(job_id, succeeded=False)
             raise errors.vm_validation(errors.ACTION_RUN, f"Resuming failed: {e}") from None
         self._set_status(vm["id"], UP)
@@ -545,10 +544,7 @@ class Vms:
     def _hotplug(self, vm: dict, disk: dict, attachment: dict) -> None:
         if disk["status"] != "ok":
             raise HostError(f"Disk {disk['alias']} is {disk['status']}")
-        running = self.engine.host.vm(vm["id"])
-        if running is None:
-            raise HostError(f"VM {vm['name']} is not running on the host")
-        running.hotplug(self._vm_disk(disk, attachment))
+        self._running(vm).hotplug(self._vm_disk(disk, attachment))
 
     def _plug_when_ready(self, vm: dict, disk_id: str) -> None:
         deadline = time.monotonic() + 600
@@ -567,6 +563,12 @@ class Vms:
                     )
                 return
             time.sleep(0.1)
+
+    def _running(self, vm: dict):
+        running = self.engine.host.vm(vm["id"])
+        if running is None:
+            raise HostError(f"VM {vm['name']} is not running on the host")
+        return running
 
     def _set_status(self, vm_id: str, status: str, **fields) -> None:
         with self.db.transaction():
@@ -638,9 +640,6 @@ class Vms:
                 lambda v: self.engine.inventory.cluster(v["cluster_id"])["name"]
             ),
         }
-
-
-_FOLLOWED = (POWERING_UP, UP, PAUSED, POWERING_DOWN, REBOOT_IN_PROGRESS)
 
 
 def templates() -> list[dict]:

@@ -385,16 +385,6 @@ class Vm:
         # The write is done when the command returns; a flush makes it durable.
         self.hmp(f'qemu-io -d {disk.backend} "flush"')
 
-    def _wait_job(self, job_id: str, status: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            job = self.block_job(job_id)
-            if job is None or job["status"] == status:
-                return
-            if time.monotonic() > deadline:
-                raise VmError(f"Block job {job_id} is still {job['status']} after {timeout:.0f} s")
-            time.sleep(0.05)
-
     def hmp(self, command: str) -> str:
         output = self.qmp("human-monitor-command", **{"command-line": command})
         if output.strip():
@@ -414,14 +404,17 @@ class Vm:
         except (OSError, EOFError, TimeoutError) as e:
             raise VmError(f"QMP {command} failed on VM {self.name}: {e!r}") from None
 
-    def console(self) -> str:
-        try:
-            with open(self.console_path, "rb") as f:
-                return f.read().decode("utf-8", errors="replace")
-        except FileNotFoundError:
-            return ""
-
     # Private helpers.
+
+    def _wait_job(self, job_id: str, status: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.block_job(job_id)
+            if job is None or job["status"] == status:
+                return
+            if time.monotonic() > deadline:
+                raise VmError(f"Block job {job_id} is still {job['status']} after {timeout:.0f} s")
+            time.sleep(0.05)
 
     def _disk(self, disk_id):
         disk = self.disks.get(disk_id)

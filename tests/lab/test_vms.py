@@ -7,8 +7,10 @@ sequence file until an ACPI shutdown."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 import time
 import uuid
 from types import SimpleNamespace
@@ -577,3 +579,32 @@ def test_a_restarted_lab_takes_over_its_running_vms(tmp_path, guest_image):
     finally:
         lab.stop()
     assert start_time(pid) is None
+
+
+def test_guest_image_command(tmp_path):
+    path = str(tmp_path / "guest.qcow2")
+    command = [sys.executable, "-m", "lab", "guest-image", path, "--format", "qcow2"]
+    proc = subprocess.run(
+        [*command, "--size", str(64 * MiB)], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"format": "qcow2", "path": path, "size": 64 * MiB}
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "--output", "json", path], capture_output=True, check=True
+        ).stdout
+    )
+    assert (info["format"], info["virtual-size"]) == ("qcow2", 64 * MiB)
+    raw = str(tmp_path / "guest.raw")
+    subprocess.run(["qemu-img", "convert", "-O", "raw", path, raw], check=True)
+    with open(raw, "rb") as f:
+        mbr = f.read(512)
+    assert mbr[510:] == b"\x55\xaa" and mbr[446] == 0x80 and mbr[450] == 0x83
+    check = subprocess.run(
+        ["e2fsck", "-fn", f"{raw}?offset={guest.PARTITION_START}"], capture_output=True, check=False
+    )
+    assert check.returncode == 0, check.stdout
+
+    proc = subprocess.run([*command, "--size", "1024"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 1
+    assert "the guest needs at least" in proc.stderr
