@@ -5,7 +5,11 @@
 
 from __future__ import annotations
 
+import re
+
 from ansible.module_utils.basic import env_fallback
+
+SIZE_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
 
 # The keys of the ovirt_auth fact of ovirt.ovirt, so a playbook can pass that
 # fact, or put the dict in module_defaults for the thinair.ovirt.ovirt group.
@@ -51,3 +55,17 @@ def argument_spec(**options):
     spec = dict(COMMON_OPTIONS)
     spec.update(options)
     return spec
+
+
+def parse_size(value):
+    """Bytes from an int or a string such as 256MiB or 4 GiB, as ovirt.ovirt
+    writes sizes; ValueError with the accepted forms otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = re.match(r"^\s*(\d+)\s*([A-Za-z]*)\s*$", str(value))
+    unit = match.group(2).lower() if match else None
+    if unit not in SIZE_UNITS:
+        raise ValueError(
+            f"invalid size '{value}': give bytes or a number with KiB, MiB, GiB or TiB"
+        )
+    return int(match.group(1)) * SIZE_UNITS[unit]

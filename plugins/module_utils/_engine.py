@@ -192,8 +192,14 @@ class Engine:
 
     # Disks
 
-    def create_disk(self, spec, storage_domain, name, description=None, disk_id=None):
-        """Create a disk from a _plan spec and wait until it is OK; return it."""
+    def create_disk(
+        self, spec, storage_domain, name, description=None, disk_id=None, external_disk=None
+    ):
+        """Create a disk from a _plan spec and wait until it is OK; return it.
+
+        external_disk, a URL or path, asks for a disk whose data comes from
+        there (Disk.external_disk); engines that do not implement it create
+        an ordinary empty disk and do not return the field."""
         disk = types.Disk(
             id=disk_id,
             name=name,
@@ -206,6 +212,7 @@ class Engine:
             backup=types.DiskBackup(spec["backup"]),
             content_type=types.DiskContentType(spec["content_type"]),
             storage_domains=[types.StorageDomain(name=storage_domain)],
+            external_disk=external_disk,
         )
         created = self.call(
             self.system.disks_service().add,
