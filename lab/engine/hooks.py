@@ -33,7 +33,6 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import json
-import os
 import re
 import threading
 import time
@@ -283,7 +282,7 @@ class Hooks:
         vm_id = match.group("id")
         if self.engine.db.get("vms", vm_id) is None:
             raise errors.ApiError(errors.NOT_FOUND, None, f"No VM {vm_id}")
-        path = os.path.join(self.engine.host.log_dir, f"vm-{vm_id}.console")
+        path = self.engine.host.vm_console_path(vm_id)
         try:
             with open(path, "rb") as f:
                 text = f.read().decode("utf-8", errors="replace")

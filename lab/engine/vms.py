@@ -441,11 +441,7 @@ class Vms:
             adopted = None
             if vm["status"] != WAIT_FOR_LAUNCH:
                 try:
-                    disks = [self._vm_disk(d, a) for d, a in self._plugged_disks(vm["id"])]
-                    adopted = host.adopt_vm(
-                        vm["id"], vm["name"], vm["memory"], vm["sockets"], vm["cores"],
-                        vm["threads"], disks,
-                    )  # fmt: skip
+                    adopted = host.adopt_vm(**self._host_vm(vm, self._plugged_disks(vm["id"])))
                 except HostError as e:
                     log.warning("Cannot take over VM %s: %s", vm["name"], e)
             if adopted is None:
@@ -466,16 +462,7 @@ class Vms:
 
     def _launch(self, vm: dict, disks: list, job_id: str) -> None:
         try:
-            vm_disks = [self._vm_disk(disk, attachment) for disk, attachment in disks]
-            self.engine.host.start_vm(
-                vm["id"],
-                vm["name"],
-                vm["memory"],
-                vm["sockets"],
-                vm["cores"],
-                vm["threads"],
-                vm_disks,
-            )
+            self.engine.host.start_vm(**self._host_vm(vm, disks))
         except Exception as e:
             log.error("Failed to run VM %s: %s", vm["name"], e)
             self._set_down(vm["id"])
@@ -522,6 +509,18 @@ class Vms:
                 # The guest ignored the button: it runs on, as on oVirt.
                 self._shutdowns.pop(vm["id"], None)
                 self._set_status(vm["id"], before)
+
+    def _host_vm(self, vm: dict, disks: list[tuple[dict, dict]]) -> dict:
+        """What the host runs a VM from: its record and its plugged disks."""
+        return {
+            "vm_id": vm["id"],
+            "name": vm["name"],
+            "memory": vm["memory"],
+            "sockets": vm["sockets"],
+            "cores": vm["cores"],
+            "threads": vm["threads"],
+            "disks": [self._vm_disk(disk, attachment) for disk, attachment in disks],
+        }
 
     def _plugged_disks(self, vm_id: str) -> list[tuple[dict, dict]]:
         return [

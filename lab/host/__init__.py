@@ -306,6 +306,10 @@ class Host:
             self._vms[vm_id] = vm
         return vm
 
+    def vm_console_path(self, vm_id) -> str:
+        """The file a VM's serial console is written to; it outlives the VM."""
+        return os.path.join(self.log_dir, f"vm-{vm_id}.console")
+
     def vm(self, vm_id) -> Vm | None:
         with self._lock:
             return self._vms.get(vm_id)

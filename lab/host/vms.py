@@ -141,7 +141,7 @@ class Vm:
         self.nbd_socket = os.path.join(host.vm_dir, vm_id + ".nbd")
         self._nbd_server = False
         self.log_path = os.path.join(host.log_dir, f"vm-{vm_id}.log")
-        self.console_path = os.path.join(host.log_dir, f"vm-{vm_id}.console")
+        self.console_path = host.vm_console_path(vm_id)
         self._process: Process | None = None
         self._qmp: QMPClient | None = None
         self._agent: socket.socket | None = None
@@ -178,10 +178,8 @@ class Vm:
         try:
             self._connect()
             # A moved disk's device runs on a node named after its new volume.
-            for block in self.qmp("query-block"):
-                for disk in self.disks.values():
-                    if block.get("qdev") == disk.backend and "inserted" in block:
-                        disk.node_name = block["inserted"]["node-name"]
+            for disk in self.disks.values():
+                disk.node_name = self._node_of(disk) or disk.node_name
         except VmError as e:
             log.warning("Cannot take over VM %s: %s", self.name, e)
             self.kill()
@@ -355,10 +353,7 @@ class Vm:
         an NBD export of the device's node by the VM's own NBD server."""
         disk = self._disk(disk_id)
         storage.check_checksum(algorithm, block_size)
-        node = None
-        for block in self.qmp("query-block"):
-            if block.get("qdev") == disk.backend and "inserted" in block:
-                node = block["inserted"]["node-name"]
+        node = self._node_of(disk)
         if node is None:
             raise VmError(f"Disk {disk_id} has no medium in VM {self.name}")
         if not self._nbd_server:
@@ -415,6 +410,14 @@ class Vm:
             if time.monotonic() > deadline:
                 raise VmError(f"Block job {job_id} is still {job['status']} after {timeout:.0f} s")
             time.sleep(0.05)
+
+    def _node_of(self, disk) -> str | None:
+        """The node the disk's device reads now (a mirror's filter during a
+        mirror), or None when it has no medium."""
+        for block in self.qmp("query-block"):
+            if block.get("qdev") == disk.backend and "inserted" in block:
+                return block["inserted"]["node-name"]
+        return None
 
     def _disk(self, disk_id):
         disk = self.disks.get(disk_id)

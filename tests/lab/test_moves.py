@@ -277,6 +277,29 @@ def test_live_move_of_external_disks(lab, con, tmp_path, source, target):
     service.remove()
 
 
+def up_vm_with_external(lab, con, source, url, size):
+    """A VM booted (up) from an uploaded copy of the guest, with an external
+    disk reading url as its second disk; (vm, boot disk, external disk)."""
+    disk = add_external(con, url, size)
+    wait_disk_ok(con, disk.id)
+    boot = upload(lab, con, source, "nfs1", f"boot-{uuid.uuid4().hex[:8]}")
+    vm = add_vm(con)
+    attach(con, vm.id, boot.id, bootable=True, active=True)
+    attach(con, vm.id, disk.id, types.DiskInterface.VIRTIO_SCSI, active=True)
+    vms(con).vm_service(vm.id).start()
+    wait_vm(con, vm.id, types.VmStatus.UP, timeout=45)
+    return vm, boot, disk
+
+
+def assert_failed_on_scratch(lab, con, correlation_id, disk_id):
+    """The move's job failed and the disk is ok on scratch, its only volume."""
+    job = wait_job(con, correlation_id)
+    assert job.status == types.JobStatus.FAILED
+    wait_disk_ok(con, disk_id)
+    assert domain_of(con, disk_id) == "scratch"
+    assert volumes(lab, lab.hooks.volume(disk_id)["id"]) == ["scratch"]
+
+
 @contextlib.contextmanager
 def slow_export(image, sock, delay_ms):
     """image read-only through nbdkit's delay filter in front of qemu-nbd."""
@@ -294,15 +317,8 @@ def test_live_move_failure_keeps_the_vm_on_its_chain(lab, con, tmp_path, source,
     sock = str(tmp_path / "data.sock")
     # A slow source keeps the mirror copying when the failure comes.
     with slow_export(data, sock, 2000) as server:
-        disk = add_external(con, f"nbd:unix:{sock}", DATA_SIZE)
-        wait_disk_ok(con, disk.id)
-        boot = upload(lab, con, source, "nfs1", "move-failure-boot")
-        vm = add_vm(con)
+        vm, _boot, disk = up_vm_with_external(lab, con, source, f"nbd:unix:{sock}", DATA_SIZE)
         service = vms(con).vm_service(vm.id)
-        attach(con, vm.id, boot.id, bootable=True, active=True)
-        attach(con, vm.id, disk.id, types.DiskInterface.VIRTIO, active=True)
-        service.start()
-        wait_vm(con, vm.id, types.VmStatus.UP, timeout=45)
         lab.hooks.guest_write(vm.id, disk.id, MiB, MiB, 0x61)
         if failure == "fault":
             lab.hooks.fail("/copy", method="MOVE", status=500)
@@ -312,12 +328,7 @@ def test_live_move_failure_keeps_the_vm_on_its_chain(lab, con, tmp_path, source,
             server.kill()
         elif failure == "vm-stopped":
             service.stop()
-        job = wait_job(con, correlation_id)
-        assert job.status == types.JobStatus.FAILED
-        wait_disk_ok(con, disk.id)
-        assert domain_of(con, disk.id) == "scratch"
-        volume = lab.hooks.volume(disk.id)
-        assert volumes(lab, volume["id"]) == ["scratch"]
+        assert_failed_on_scratch(lab, con, correlation_id, disk.id)
         if failure != "vm-stopped":
             assert service.get().status == types.VmStatus.UP
             # The VM still writes to its old chain.
@@ -349,20 +360,9 @@ def test_live_move_to_a_full_domain_fails_cleanly(lab, con, tmp_path, source):
     subprocess.run(["qemu-img", "create", "-q", "-f", "raw", image, str(200 * 1024**3)], check=True)
     sock = str(tmp_path / "huge.sock")
     with qemu_nbd(image, sock=sock):
-        disk = add_external(con, f"nbd:unix:{sock}", 200 * 1024**3)
-        wait_disk_ok(con, disk.id)
-        boot = upload(lab, con, source, "nfs1", "move-full-boot")
-        vm = add_vm(con)
+        vm, boot, disk = up_vm_with_external(lab, con, source, f"nbd:unix:{sock}", 200 * 1024**3)
         service = vms(con).vm_service(vm.id)
-        attach(con, vm.id, boot.id, bootable=True, active=True)
-        attach(con, vm.id, disk.id, types.DiskInterface.VIRTIO_SCSI, active=True)
-        service.start()
-        wait_vm(con, vm.id, types.VmStatus.UP, timeout=45)
-        job = wait_job(con, move(con, disk.id, "iscsi1"))
-        assert job.status == types.JobStatus.FAILED
-        wait_disk_ok(con, disk.id)
-        assert domain_of(con, disk.id) == "scratch"
-        assert volumes(lab, lab.hooks.volume(disk.id)["id"]) == ["scratch"]
+        assert_failed_on_scratch(lab, con, move(con, disk.id, "iscsi1"), disk.id)
         assert service.get().status == types.VmStatus.UP
         service.stop()
         service.remove()
