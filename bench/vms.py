@@ -79,60 +79,12 @@ def vm_suite(workdir, rounds):
             vm_service.stop()
             wait(lambda: vm_service.get().status == types.VmStatus.DOWN, 30)
 
-        data = system.disks_service().add(
-            types.Disk(
-                name="bench-external",
-                format=types.DiskFormat.COW,
-                provisioned_size=MOVE_DISK_SIZE,
-                external_disk=f"nbd:unix:{sock}",
-                storage_domains=[types.StorageDomain(name="scratch")],
-            )
-        )
-        wait_ok(system, types, data.id)
-        vm_service.disk_attachments_service().add(
-            types.DiskAttachment(
-                disk=types.Disk(id=data.id), interface=types.DiskInterface.VIRTIO_SCSI, active=True
-            )
-        )
         vm_service.start()
         wait(lambda: vm_service.get().status == types.VmStatus.UP, 60)
-
-        # The reference first: the same chain, read while the VM runs, into
-        # a new qcow2 on the same domain, durable as the mirror's target is.
-        chain = hooks.volume(data.id)["qemu_json"]
-        target = os.path.join(lab_dir, "domains", "nfs1", "volumes", "bench-reference.qcow2")
-        start = time.monotonic()
-        subprocess.run(
-            ["qemu-img", "convert", "-U", "-t", "none", "-O", "qcow2", chain, target], check=True
-        )
-        reference = time.monotonic() - start
-        os.unlink(target)
-
-        correlation_id = str(uuid.uuid4())
-        start = time.monotonic()
-        system.disks_service().disk_service(data.id).move(
-            storage_domain=types.StorageDomain(name="nfs1"),
-            query={"correlation_id": correlation_id},
-        )
-        jobs = system.jobs_service()
-        wait(
-            lambda: (
-                (found := jobs.list(search=f"correlation_id={correlation_id}"))
-                and found[0].status != types.JobStatus.STARTED
-            ),
-            600,
-            0.05,
-        )
-        moved = time.monotonic() - start
-        job = jobs.list(search=f"correlation_id={correlation_id}")[0]
-        if job.status != types.JobStatus.FINISHED:
-            raise RuntimeError(f"The live move failed: {job.description}")
-        subprocess.run(
-            ["qemu-img", "compare", "-U", data_image, hooks.volume(data.id)["qemu_json"]],
-            check=True,
-        )
+        moves = [move_once(system, types, hooks, vm.id, sock, lab_dir, data_image)
+                 for _round in range(rounds)]  # fmt: skip
         vm_service.stop()
-        return {"starts": starts, "move": moved, "reference": reference}
+        return {"starts": starts, "moves": moves}
     finally:
         con.close()
         server.terminate()
@@ -152,6 +104,65 @@ def start_once(vm_service, hooks, types, guest, vm_id):
     return {"running": running, "ready": ready, "up": up}
 
 
+def move_once(system, types, hooks, vm_id, sock, lab_dir, data_image):
+    """Hot-plug a new external disk reading the export, copy its chain with
+    qemu-img convert, then move it live to nfs1; both times, in seconds."""
+    data = system.disks_service().add(
+        types.Disk(
+            name=f"bench-external-{uuid.uuid4().hex[:8]}",
+            format=types.DiskFormat.COW,
+            provisioned_size=MOVE_DISK_SIZE,
+            external_disk=f"nbd:unix:{sock}",
+            storage_domains=[types.StorageDomain(name="scratch")],
+        )
+    )
+    wait_ok(system, types, data.id)
+    attachments = system.vms_service().vm_service(vm_id).disk_attachments_service()
+    attachments.add(
+        types.DiskAttachment(
+            disk=types.Disk(id=data.id), interface=types.DiskInterface.VIRTIO_SCSI, active=True
+        )
+    )
+    # The reference first: the same chain, read while the VM runs, into a
+    # new qcow2 on the same domain, durable as the mirror's target is.
+    chain = hooks.volume(data.id)["qemu_json"]
+    target = os.path.join(lab_dir, "domains", "nfs1", "volumes", "bench-reference.qcow2")
+    start = time.monotonic()
+    subprocess.run(
+        ["qemu-img", "convert", "-U", "-t", "none", "-O", "qcow2", chain, target], check=True
+    )
+    reference = time.monotonic() - start
+    os.unlink(target)
+
+    correlation_id = str(uuid.uuid4())
+    start = time.monotonic()
+    system.disks_service().disk_service(data.id).move(
+        storage_domain=types.StorageDomain(name="nfs1"),
+        query={"correlation_id": correlation_id},
+    )
+    jobs = system.jobs_service()
+    wait(
+        lambda: (
+            (found := jobs.list(search=f"correlation_id={correlation_id}"))
+            and found[0].status != types.JobStatus.STARTED
+        ),
+        600,
+        0.05,
+    )
+    moved = time.monotonic() - start
+    job = jobs.list(search=f"correlation_id={correlation_id}")[0]
+    if job.status != types.JobStatus.FINISHED:
+        raise RuntimeError(f"The live move failed: {job.description}")
+    subprocess.run(
+        ["qemu-img", "compare", "-U", data_image, hooks.volume(data.id)["qemu_json"]],
+        check=True,
+    )
+    attachment = attachments.attachment_service(data.id)
+    attachment.update(types.DiskAttachment(active=False))
+    attachment.remove(detach_only=False)
+    return {"move": moved, "reference": reference}
+
+
 def print_vm_tables(result):
     print("| measure | best s | worst s |")
     print("|---|---:|---:|")
@@ -163,11 +174,16 @@ def print_vm_tables(result):
         values = [s[key] for s in result["starts"]]
         print(f"| {text} | {min(values):.2f} | {max(values):.2f} |")
     print()
-    print("| case | live move s | qemu-img convert s | time ratio |")
+    # Each round's move against the convert of the same round, best and
+    # worst: the two share the machine's state of that moment.
+    ratios = sorted(m["move"] / m["reference"] for m in result["moves"])
+    best = min(result["moves"], key=lambda m: m["move"])
+    print("| case | best live move s | best qemu-img convert s | time ratio best / worst |")
     print("|---|---:|---:|---:|")
+    reference = min(m["reference"] for m in result["moves"])
     print(
-        f"| 4 GiB external disk (1 GiB data) to nfs1 | {result['move']:.2f} "
-        f"| {result['reference']:.2f} | {result['move'] / result['reference']:.2f} |"
+        f"| 4 GiB external disk (1 GiB data) to nfs1, {len(ratios)} rounds | {best['move']:.2f} "
+        f"| {reference:.2f} | {ratios[0]:.2f} / {ratios[-1]:.2f} |"
     )
 
 

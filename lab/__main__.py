@@ -54,6 +54,12 @@ def main(argv=None) -> int:
         "reported up (vdsm's 60, the default; kept across restarts)",
     )
     start.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        help="seconds a VM may take to power off after an ACPI shutdown before it is "
+        "reported up again (default 120; kept across restarts)",
+    )
+    start.add_argument(
         "--timeout", type=float, default=60.0, help="seconds to wait for the engine (default 60)"
     )
 
@@ -85,6 +91,7 @@ def main(argv=None) -> int:
                 port=args.port,
                 poll_interval=args.poll_interval,
                 guest_wait_timeout=args.guest_wait_timeout,
+                shutdown_timeout=args.shutdown_timeout,
                 timeout=args.timeout,
             )
         elif args.command == "stop":

@@ -41,6 +41,10 @@ USERNAME = "admin@internal"
 DEFAULT_HOST_ADDRESS = "127.0.0.2"
 ENGINE_ADDRESS = "127.0.0.1"
 START_TIMEOUT = 60.0
+# Settings in seconds kept across restarts, and their defaults: how often open
+# transfers are visited, vdsm's wait for a guest agent before a VM is up, and
+# how long a VM may take to shut down before it is reported up again.
+TIMINGS = {"poll_interval": 1.0, "guest_wait_timeout": 60.0, "shutdown_timeout": 120.0}
 STOP_TIMEOUT = 30.0
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,9 +71,11 @@ class Lab:
         poll_interval: float | None = None,
         timeout: float = START_TIMEOUT,
         guest_wait_timeout: float | None = None,
+        shutdown_timeout: float | None = None,
     ) -> dict:
         """Start the lab in the background and return its info; a running lab
-        is returned as it is."""
+        is returned as it is. Settings left out keep the value of the lab's
+        last start (see ``TIMINGS`` for the defaults)."""
         running = self._running_info()
         if running is not None:
             wanted = host_address or running["host"]["address"]
@@ -79,7 +85,12 @@ class Lab:
                     f"{running['host']['address']}: stop it before changing it to {wanted}"
                 )
             return running
-        config = self._update_config(host_address, stock, port, poll_interval, guest_wait_timeout)
+        timings = {
+            "poll_interval": poll_interval,
+            "guest_wait_timeout": guest_wait_timeout,
+            "shutdown_timeout": shutdown_timeout,
+        }
+        config = self._update_config(host_address, stock, port, timings)
         os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
         os.makedirs(os.path.dirname(self.run_path), exist_ok=True)
         env = dict(os.environ)
@@ -132,29 +143,29 @@ class Lab:
 
     # Private helpers.
 
-    def _update_config(self, host_address, stock, port, poll_interval, guest_wait_timeout) -> dict:
+    def _update_config(self, host_address, stock, port, timings) -> dict:
         os.makedirs(self.dir, exist_ok=True)
         config = _read_json(self.config_path, {})
         config.setdefault("username", USERNAME)
         config.setdefault("password", secrets.token_urlsafe(12))
         config.setdefault("host_address", DEFAULT_HOST_ADDRESS)
         config.setdefault("stock", False)
-        config.setdefault("poll_interval", 1.0)
-        config.setdefault("guest_wait_timeout", 60.0)
         if host_address is not None:
             config["host_address"] = host_address
         if stock is not None:
             config["stock"] = stock
         if port is not None:
             config["port"] = port
-        if poll_interval is not None:
-            if poll_interval <= 0:
-                raise LabError(f"Invalid poll interval {poll_interval}: use seconds > 0")
-            config["poll_interval"] = poll_interval
-        if guest_wait_timeout is not None:
-            if guest_wait_timeout < 0:
-                raise LabError(f"Invalid guest wait timeout {guest_wait_timeout}: use seconds >= 0")
-            config["guest_wait_timeout"] = guest_wait_timeout
+        for name, default in TIMINGS.items():
+            config.setdefault(name, default)
+            value = timings.get(name)
+            if value is None:
+                continue
+            # A zero wait is a valid choice, a zero poll interval a busy loop.
+            if value < 0 or (value == 0 and name == "poll_interval"):
+                words = name.replace("_", " ")
+                raise LabError(f"Invalid {words} {value}: use seconds > 0")
+            config[name] = value
         _write_json(self.config_path, config, 0o600)
         _write_file(self.password_path, config["password"], 0o600)
         return config
@@ -375,8 +386,7 @@ def serve(directory: str) -> None:
     engine = None
     try:
         settings = Settings(
-            poll_interval=float(config["poll_interval"]),
-            guest_wait_timeout=float(config.get("guest_wait_timeout", 60.0)),
+            **{name: float(config.get(name, default)) for name, default in TIMINGS.items()},
         )
         engine = Engine(
             lab.dir,

@@ -9,6 +9,7 @@ import urllib.parse
 import pytest
 
 from lab.lab import Hooks, Lab
+from tests.helpers import SHUTDOWN_TIMEOUT
 
 # Quicker transfer monitor visits than the lab's default of 1 s: state
 # machines move on sooner, tests wait less.
@@ -94,7 +95,7 @@ def guest_image(tmp_path_factory):
 def lab(tmp_path_factory):
     """A lab started once per test session, stopped at the end."""
     lab = Lab(str(tmp_path_factory.mktemp("lab")))
-    info = lab.start(poll_interval=POLL_INTERVAL)
+    info = lab.start(poll_interval=POLL_INTERVAL, shutdown_timeout=SHUTDOWN_TIMEOUT)
     try:
         yield LabFixture(lab, info)
     finally:

@@ -10,6 +10,11 @@ import subprocess
 import time
 from contextlib import contextmanager
 
+# The shared lab's wait for a VM to power off after an ACPI shutdown: short,
+# so a guest that ignores the button is seen back up soon; ample for the lab's
+# guest, which powers off within a second or two.
+SHUTDOWN_TIMEOUT = 8.0
+
 
 def qemu_io(image, fmt, *commands):
     """Write a pattern into an image with qemu-io, e.g. "write -P 0x55 0 1M"."""

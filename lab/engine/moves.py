@@ -159,7 +159,7 @@ class Moves:
         jobs.end_step(step, succeeded=True)
         step = jobs.add_step(job_id, "Synchronizing image data")
         node_name = "m" + uuid.uuid4().hex[:30]
-        node = volume.qemu_node()
+        node = dict(volume.qemu_node(), discard="unmap")
         mirror = running.mirror(disk["id"], node, node_name)
         try:
             self._fault("/copy")

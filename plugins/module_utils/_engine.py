@@ -4,10 +4,12 @@
 """The engine side of disk work, through ovirtsdk4.
 
 Connection from the shared ``auth`` options, lookups by id or name, and the
-lifecycles of disks and image transfers, each waited on with a monotonic
-deadline and a poll that starts short and backs off. Engine calls that fail
-with 409 (locked, busy) or 5xx are retried with backoff; the transfer phase
-rules are the ones ovirt-img and the SDK examples follow.
+lifecycles of disks, image transfers and disk moves, each waited on with a
+monotonic deadline and a poll that starts short and backs off. Engine calls
+that fail with 409 (locked, busy) or 5xx are retried with backoff; the
+transfer phase rules are the ones ovirt-img and the SDK examples follow, and
+moves are followed through their jobs by correlation id, as the SDK's jobs
+helper does.
 """
 
 from __future__ import annotations
@@ -416,4 +418,61 @@ class Engine:
                 )
             if deadline.expired():
                 raise EngineError(f"transfer {transfer_id} did not finish within {timeout} s")
+            deadline.sleep()
+
+    # Disk moves
+
+    def move_disk(self, disk_id, storage_domain, correlation_id):
+        """Ask the engine to move a disk to another storage domain (by name):
+        a cold copy, or live storage migration for a disk of a running VM.
+        Follow it with wait_jobs(correlation_id)."""
+        service = self.system.disks_service().disk_service(disk_id)
+        self.call(
+            service.move,
+            storage_domain=types.StorageDomain(name=storage_domain),
+            query={"correlation_id": correlation_id},
+            what=f"move disk {disk_id} to {storage_domain}",
+            retry=False,
+        )
+
+    def jobs(self, correlation_id):
+        """The engine's jobs of this correlation id, as the SDK's jobs example finds them."""
+        service = self.system.jobs_service()
+        return self.call(
+            service.list,
+            search=f"correlation_id={correlation_id}",
+            what=f"look up the jobs of {correlation_id}",
+        )
+
+    def job_progress(self, job_id):
+        """Percent done of the job's step that reports progress, or None."""
+        service = self.system.jobs_service().job_service(job_id).steps_service()
+        steps = self.call(service.list, what=f"look up the steps of job {job_id}")
+        done = [s.progress for s in steps if s.progress is not None]
+        return max(done) if done else None
+
+    def wait_jobs(self, correlation_id, what, timeout=None, on_progress=None):
+        """Wait until no job of correlation_id is running; EngineError when
+        one ended otherwise than finished. on_progress(percent) is called
+        with each progress the engine reports."""
+        deadline = self.deadline(timeout)
+        while True:
+            jobs = self.jobs(correlation_id)
+            running = [j for j in jobs if j.status == types.JobStatus.STARTED]
+            if jobs and not running:
+                failed = [j for j in jobs if j.status != types.JobStatus.FINISHED]
+                if failed:
+                    job = failed[0]
+                    raise EngineError(
+                        f"cannot {what}: the engine's job {job.description} ended "
+                        f"{job.status.value} (see the engine's events)"
+                    )
+                return jobs
+            if running and on_progress is not None:
+                percent = self.job_progress(running[0].id)
+                if percent is not None:
+                    on_progress(percent)
+            if deadline.expired():
+                state = "running" if running else "not found"
+                raise EngineError(f"cannot {what}: its job is still {state} after the timeout")
             deadline.sleep()

@@ -22,7 +22,7 @@ from ovirtsdk4 import types
 
 from lab import guest
 from lab.host.process import start_time
-from tests.helpers import wait_for
+from tests.helpers import SHUTDOWN_TIMEOUT, wait_for
 
 MiB = 1024**2
 GiB = 1024**3
@@ -465,7 +465,7 @@ def test_vm_stop_and_crash(lab, con, guest_image):
     service.remove()
 
 
-def test_vm_without_guest_agent_stays_powering_up(lab, con):
+def test_vm_without_guest_stays_powering_up_and_ignores_acpi(lab, con):
     # An empty disk boots nothing, so no guest agent answers: like vdsm, the
     # lab reports powering_up until GUEST_WAIT_TIMEOUT (60 s) has passed.
     vm = add_vm(con)
@@ -475,6 +475,16 @@ def test_vm_without_guest_agent_stays_powering_up(lab, con):
     wait_vm(con, vm.id, Status.POWERING_UP, timeout=10)
     time.sleep(3)
     assert service.get().status == Status.POWERING_UP
+
+    # Nothing takes the ACPI button either: as on oVirt, the VM shows
+    # powering_down until the shutdown times out, then runs on as before.
+    pid = next(v["pid"] for v in lab.hooks.state()["vms"] if v["id"] == vm.id)
+    asked = time.monotonic()
+    service.shutdown()
+    assert service.get().status == Status.POWERING_DOWN
+    wait_vm(con, vm.id, Status.POWERING_UP, timeout=SHUTDOWN_TIMEOUT + 10)
+    assert time.monotonic() - asked >= SHUTDOWN_TIMEOUT - 1
+    assert next(v["pid"] for v in lab.hooks.state()["vms"] if v["id"] == vm.id) == pid
     service.stop()
     service.remove()
 

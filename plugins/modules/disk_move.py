@@ -1,0 +1,194 @@
+#!/usr/bin/python
+# Copyright: thinair.ovirt contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: disk_move
+short_description: Move an oVirt disk to another storage domain, live when its VM runs
+version_added: 0.1.0
+description:
+  - Asks the engine to move a disk to another storage domain and waits for the engine's job,
+    followed by its correlation id, then for the disk to be C(ok) on the target.
+  - The engine decides how. A disk of a running VM moves by live storage migration (the VM
+    must be C(up) or C(paused)): the VM keeps running while its data is mirrored to the target,
+    then switches to it. Any other disk is copied, then removed from its source.
+  - A disk whose data comes from an C(external_disk) stops reading it once moved.
+  - Idempotent: a disk already on the target domain is left alone. A failed move leaves the disk
+    on its source, and running the task again retries it.
+extends_documentation_fragment:
+  - thinair.ovirt._engine
+options:
+  name:
+    description:
+      - Name (alias) of the disk. Give I(name) or I(disk_id).
+    type: str
+  disk_id:
+    description:
+      - Id of the disk.
+    type: str
+  storage_domain:
+    description:
+      - Name of the storage domain to move the disk to.
+    type: str
+    required: true
+  correlation_id:
+    description:
+      - Correlation id of the engine's job, to find it in the engine's events and jobs. A
+        random one by default.
+    type: str
+  progress_file:
+    description:
+      - Path on the node where the module keeps a progress record while the move runs (phase
+        C(moving), percent done as the engine reports it), for a role to read when the module
+        runs with C(async). See docs/progress.md.
+    type: path
+notes:
+  - Check mode tells whether the disk would move and changes nothing.
+  - The move is the engine's: stopping the task does not stop it. I(timeout) is how long the
+    task waits for it.
+author:
+  - thinair.ovirt contributors (@thinair)
+"""
+
+EXAMPLES = r"""
+- name: Move a running VM's disk to its final storage domain
+  thinair.ovirt.disk_move:
+    auth: "{{ ovirt_auth }}"
+    name: vm1-disk1
+    storage_domain: data1
+  register: moved
+"""
+
+RETURN = r"""
+disk:
+  description: The disk after the move.
+  returned: always
+  type: dict
+  sample: {"id": "5c3bbe8e-6f2c-4b57-8b2e-3a1bd34f5fd7", "name": "vm1-disk1",
+           "status": "ok", "storage_domain": "data1", "source": "scratch"}
+job:
+  description: The engine's job that moved the disk.
+  returned: when the disk moved
+  type: dict
+  sample: {"id": "b8f4d0a2-7c43-4e1d-9a57-2f0c6c1d9e3f", "status": "finished",
+           "description": "Migrating Disk vm1-disk1 from scratch to data1 of VM vm1",
+           "correlation_id": "0b1f6f38-0ad5-43a4-8b4b-1f1a8a0c7f5d"}
+elapsed:
+  description: Seconds from the request to the disk being C(ok) on the target.
+  returned: when the disk moved
+  type: float
+  sample: 12.3
+"""
+
+import time
+import traceback
+import uuid
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
+from ansible_collections.thinair.ovirt.plugins.module_utils import _common, _engine, _progress
+
+
+class Percent:
+    """What _progress.Progress.update reads, from the engine's percent done."""
+
+    def __init__(self, size, start):
+        self.size = size
+        self.done = 0
+        self.start = start
+
+
+def domain_name(engine, disk):
+    if not disk.storage_domains:
+        return None
+    return engine.storage_domain_by_id(disk.storage_domains[0].id).name
+
+
+def move(module, engine):
+    params = module.params
+    name = params["name"] or params["disk_id"]
+    disk = engine.disk(disk_id=params["disk_id"], name=params["name"])
+    if disk is None:
+        module.fail_json(msg=f"disk {name} not found")
+    target = params["storage_domain"]
+    engine.storage_domain(target)
+    what = f"move disk {name} to {target}"
+    # A disk that is locked (by an earlier move, say) settles first.
+    disk = engine.wait_disk_ok(disk.id, what=what)
+    source = domain_name(engine, disk)
+    result = {"id": disk.id, "name": disk.alias, "status": "ok", "storage_domain": source}
+    if source == target:
+        return {"changed": False, "disk": result}
+    if module.check_mode:
+        return {"changed": True, "disk": dict(result, storage_domain=target, source=source)}
+
+    correlation_id = params["correlation_id"] or str(uuid.uuid4())
+    progress = _progress.Progress(params["progress_file"], description=name)
+    started = time.monotonic()
+    stats = Percent(disk.provisioned_size or 0, started)
+
+    def on_progress(percent):
+        stats.done = stats.size * percent // 100
+        progress.update(stats)
+
+    try:
+        progress.set_phase("moving", size=stats.size)
+        engine.move_disk(disk.id, target, correlation_id)
+        jobs = engine.wait_jobs(correlation_id, what, on_progress=on_progress)
+        disk = engine.wait_disk_ok(disk.id, what=what)
+    finally:
+        progress.remove()
+    now = domain_name(engine, disk)
+    if now != target:
+        module.fail_json(msg=f"cannot {what}: the engine's job ended but the disk is on {now}")
+    job = jobs[-1]
+    return {
+        "changed": True,
+        "disk": dict(result, storage_domain=now, source=source),
+        "job": {
+            "id": job.id,
+            "status": job.status.value,
+            "description": job.description,
+            "correlation_id": correlation_id,
+        },
+        "elapsed": round(time.monotonic() - started, 3),
+    }
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=_common.argument_spec(
+            name={"type": "str"},
+            disk_id={"type": "str"},
+            storage_domain={"type": "str", "required": True},
+            correlation_id={"type": "str"},
+            progress_file={"type": "path"},
+        ),
+        required_one_of=[("name", "disk_id")],
+        mutually_exclusive=[("name", "disk_id")],
+        supports_check_mode=True,
+    )
+    if _engine.SDK_IMPORT_ERROR:
+        module.fail_json(
+            msg=missing_required_lib("ovirt-engine-sdk-python"), exception=_engine.SDK_IMPORT_ERROR
+        )
+    params = module.params
+    engine = None
+    try:
+        engine = _engine.Engine(
+            params["auth"], timeout=params["timeout"], poll_interval=params["poll_interval"]
+        )
+        result = move(module, engine)
+    except _engine.EngineError as e:
+        module.fail_json(msg=str(e), exception=traceback.format_exc())
+    finally:
+        if engine is not None:
+            engine.close()
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
