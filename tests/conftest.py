@@ -100,3 +100,21 @@ def lab(tmp_path_factory):
         yield LabFixture(lab, info)
     finally:
         lab.stop()
+
+
+@pytest.fixture
+def con(lab):
+    """An ovirtsdk4 connection to the lab engine."""
+    connection = lab.connection()
+    yield connection
+    connection.close()
+
+
+@pytest.fixture
+def before(lab):
+    """The lab state at the start of a test; the test must leave it so, and
+    what a failed test leaves is undone for the next ones."""
+    lab.hooks.clear_faults()
+    state = lab.hooks.settled()
+    yield state
+    lab.restore(state)

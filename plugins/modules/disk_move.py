@@ -13,10 +13,10 @@ description:
   - Asks the engine to move a disk to another storage domain and waits for the engine's job,
     followed by its correlation id, then for the disk to be C(ok) on the target.
   - The engine decides how. A disk of a running VM moves by live storage migration (the VM
-    must be C(up) or C(paused)): the VM keeps running while its data is mirrored to the target,
+    must be C(up) or C(paused)), and the VM keeps running while its data is mirrored to the target,
     then switches to it. Any other disk is copied, then removed from its source.
   - A disk whose data comes from an C(external_disk) stops reading it once moved.
-  - Idempotent: a disk already on the target domain is left alone. A failed move leaves the disk
+  - Idempotent, a disk already on the target domain is left alone. A failed move leaves the disk
     on its source, and running the task again retries it.
 extends_documentation_fragment:
   - thinair.ovirt._engine
@@ -47,7 +47,7 @@ options:
     type: path
 notes:
   - Check mode tells whether the disk would move and changes nothing.
-  - The move is the engine's: stopping the task does not stop it. I(timeout) is how long the
+  - The move is the engine's, and stopping the task does not stop it. I(timeout) is how long the
     task waits for it.
 author:
   - thinair.ovirt contributors (@thinair)

@@ -26,8 +26,8 @@ options:
   state:
     description:
       - C(present) makes sure the VM exists, whatever its status.
-      - C(running) also starts it (or resumes it when paused) and waits until it runs:
-        C(powering_up) or C(up), or C(up) only with I(wait_for_up).
+      - C(running) also starts it (or resumes it when paused) and waits until it runs, that is
+        C(powering_up) or C(up), or only C(up) with I(wait_for_up).
       - C(stopped) also powers it off (or shuts it down, with I(graceful)) and waits until it is
         C(down).
       - C(absent) powers it off when it runs and removes it, with its disks unless I(keep_disks).

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from lab.pki import Pki
+from tests.helpers import qemu_io, running
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -83,3 +84,15 @@ def ansible(tmp_path):
 def other_ca(tmp_path):
     """A CA that did not sign the engine's certificate."""
     return Pki(str(tmp_path / "other-ca")).ca_cert
+
+
+@pytest.fixture
+def export(tmp_path):
+    """A raw image with data, exported read-only by qemu-nbd on a unix socket."""
+    image = str(tmp_path / "source.raw")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", image, "64M"], check=True)
+    qemu_io(image, "raw", "write -P 0x5e 0 8M")
+    sock = str(tmp_path / "source.sock")
+    cmd = ["qemu-nbd", "--read-only", "--persistent", "-f", "raw", "--socket", sock, image]
+    with running(cmd, sock):
+        yield image, f"nbd:unix:{sock}"

@@ -10,7 +10,6 @@ import subprocess
 
 import pytest
 
-from tests.helpers import qemu_io, running
 from tests.integration.transfers import auth_of
 
 MiB = 1024**2
@@ -22,18 +21,6 @@ def disk_task(lab, **args):
 
 def lab_disks(lab, name):
     return [d for d in lab.hooks.state()["disks"] if d["alias"] == name]
-
-
-@pytest.fixture
-def export(tmp_path):
-    """A raw image with data, exported read-only by qemu-nbd on a unix socket."""
-    image = str(tmp_path / "source.raw")
-    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", image, str(64 * MiB)], check=True)
-    qemu_io(image, "raw", "write -P 0x5e 0 8M")
-    sock = str(tmp_path / "source.sock")
-    cmd = ["qemu-nbd", "--read-only", "--persistent", "-f", "raw", "--socket", sock, image]
-    with running(cmd, sock):
-        yield image, f"nbd:unix:{sock}"
 
 
 def test_ordinary_disk(lab, ansible):

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from tests.integration.test_disk import disk_task, export, lab_disks  # noqa: F401
+from tests.integration.test_disk import disk_task, lab_disks
 from tests.integration.transfers import auth_of
 from tests.lab.test_vms import upload
 
@@ -31,14 +31,7 @@ def lab_vms(lab, name):
     return [v for v in lab.hooks.state()["vms"] if v["name"] == name]
 
 
-@pytest.fixture
-def con(lab):
-    connection = lab.connection()
-    yield connection
-    connection.close()
-
-
-def test_vm_lifecycle_with_live_move(lab, ansible, con, export, guest_image, tmp_path):  # noqa: F811
+def test_vm_lifecycle_with_live_move(lab, ansible, con, export, guest_image, tmp_path):
     image, url = export
     boot = upload(lab, con, guest_image, lab.file_domain, "vm-module-boot")
     disks = [
@@ -104,7 +97,7 @@ def test_check_mode_changes_nothing(lab, ansible):
     assert lab_vms(lab, "vm-check") == []
 
 
-def test_cold_move_of_a_floating_disk(lab, ansible, export):  # noqa: F811
+def test_cold_move_of_a_floating_disk(lab, ansible, export):
     image = export[0]
     create = disk_task(lab, name="cold-move", storage_domain="iscsi1", size="64MiB")
     results = ansible.playbook([create])
