@@ -151,15 +151,29 @@ def test_import_preview_then_keep(lab, ansible, con, sources, tmp_path):
             offset += MiB
             time.sleep(0.2)
 
+    # Each move lasts a few seconds more, while its mirror runs: time for
+    # guest writes and progress lines.
+    lab.hooks.fail("/copy", method="MOVE", delay=4, count=2)
     writer = threading.Thread(target=write_while_moving)
     writer.start()
     try:
-        results = run(ansible, "import_vm.yml", import_vars(lab, boot, data))
+        results = run(ansible, "import_vm.yml",
+                      import_vars(lab, boot, data, quick_import_progress_interval=1))  # fmt: skip
     finally:
         done.set()
         writer.join()
     assert failures(results) == []
     assert len(writes) > 2
+    (follow,) = [
+        r for r in results if r["task"].endswith("Follow the moves until every one has ended")
+    ]
+    lines = [item["_ansible_item_label"] for item in follow["results"]]
+    assert lines[-1] == "every move has ended"
+    assert len(lines) >= 2
+    assert all(line.startswith(f"{VM}/{VM}-disk") and f": moving to {lab.file_domain}" in line
+               for line in lines[:-1])  # fmt: skip
+    (shown,) = [r for r in results if r["task"].endswith("Show what each move did")]
+    assert f"{VM}/{VM}-disk1: moved from {lab.scratch_domain} in " in shown["msg"][0]
     lab.hooks.guest_write(vm["id"], data_id, 32 * MiB, 65536, 0x33)
     writes.append((32 * MiB, 0x33))
     assert {lab.hooks.volume(d)["domain"] for d in (boot_id, data_id)} == {lab.file_domain}
