@@ -8,7 +8,7 @@ COLLECTION_LINK := .collections/ansible_collections/thinair/ovirt
 SYSTEM_PACKAGES := qemu-utils qemu-system-x86 nbdkit gcc libxml2-dev libcurl4-openssl-dev libssl-dev openssl e2fsprogs libdevmapper1.02.1
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: setup system-packages test lint sanity unit integration molecule demo bench clean
+.PHONY: setup system-packages test lint sanity unit integration molecule demo demo-transfer bench clean
 
 setup: $(STAMP) $(COLLECTION_LINK)
 
@@ -66,7 +66,10 @@ molecule: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/molecule test --all
 
 demo: setup
-	$(VENV)/bin/ansible-playbook playbooks/demo.yml
+	$(VENV)/bin/ansible-playbook demo/quick_import.yml
+
+demo-transfer: setup
+	$(VENV)/bin/ansible-playbook demo/transfer.yml
 
 bench: setup
 	$(PY) bench/run.py copy
