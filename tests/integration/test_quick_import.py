@@ -12,6 +12,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 
@@ -19,7 +20,7 @@ import pytest
 from ovirtsdk4 import types
 
 from tests.helpers import qemu_io
-from tests.integration.conftest import ROOT
+from tests.integration.conftest import BIN, ROOT
 from tests.integration.transfers import auth_of
 from tests.lab.test_vms import sequence, wait_vm
 
@@ -267,4 +268,54 @@ def test_failure_before_the_vm_runs_leaves_nothing(lab, ansible, sources, tmp_pa
     assert vm_state(lab)["status"] == "up"
     results = run(ansible, "rollback_vm.yml", rollback_vars(lab, rollback_import_force=True))
     assert failures(results) == []
+    assert_nothing_left(lab, tmp_path)
+
+
+def test_as_awx_runs_them(lab, sources, tmp_path, monkeypatch):
+    """Both playbooks as AWX job templates run them: through ansible-runner,
+    the credentials in OVIRT_* environment variables, the rest in extra vars;
+    the moves' progress lines are events of the job."""
+    import ansible_runner
+
+    boot, data = sources
+    monkeypatch.setenv("PATH", BIN + os.pathsep + os.environ["PATH"])
+    env = {
+        "OVIRT_URL": lab.engine_url,
+        "OVIRT_USERNAME": lab.username,
+        "OVIRT_PASSWORD": lab.password,
+        "OVIRT_CAFILE": lab.ca_file,
+        "ANSIBLE_COLLECTIONS_PATH": os.path.join(ROOT, ".collections"),
+    }
+    inventory = f"localhost ansible_connection=local ansible_python_interpreter={sys.executable}"
+    extra = import_vars(lab, boot, data, quick_import_progress_interval=1)
+    del extra["quick_import_auth"]
+    lab.hooks.fail("/copy", method="MOVE", delay=3, count=2)
+
+    def job(name, extravars):
+        private = tmp_path / name
+        private.mkdir()
+        runner = ansible_runner.run(
+            private_data_dir=str(private),
+            playbook=os.path.join(ROOT, "playbooks", name),
+            inventory=inventory,
+            extravars=extravars,
+            envvars=env,
+            quiet=True,
+        )
+        assert runner.status == "successful", runner.stdout.read()[-3000:]
+        assert lab.password not in runner.stdout.read()
+        return list(runner.events)
+
+    events = job("import_vm.yml", extra)
+    lines = [
+        e["event_data"]["res"]["_ansible_item_label"]
+        for e in events
+        if e["event"] == "runner_item_on_ok"
+        and e["event_data"]["task"] == "Follow the moves until every one has ended"
+    ]
+    assert lines[-1] == "every move has ended"
+    assert any(f": moving to {lab.file_domain}" in line for line in lines)
+    assert vm_state(lab)["status"] == "up"
+
+    job("rollback_vm.yml", {"rollback_import_vm_name": VM, "rollback_import_force": True})
     assert_nothing_left(lab, tmp_path)
