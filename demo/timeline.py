@@ -40,7 +40,7 @@ def exports_running(pattern):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", maxsplit=1)[0])
     parser.add_argument("--lab", required=True, help="the lab directory")
     parser.add_argument("--vm", required=True, help="name of the VM imported")
     parser.add_argument("--exports", required=True, help="what the exports' command lines hold")

@@ -318,12 +318,15 @@ class StorageDomain:
         sparse: bool,
         initial_size: int | None = None,
         backing: tuple[str, str] | None = None,
+        backing_file: str | None = None,
     ) -> Volume:
         """Create a volume as vdsm's createVolume does, refusing what it refuses.
 
         An initial_size of 0 means "not given", as the engine sends it.
         backing, (filename, format), makes a sparse qcow2 overlay on a file
         domain whose unwritten data comes from that image: an external disk.
+        backing_file, when given, is what the qcow2 header names instead of
+        backing's filename (the same image, opened with other options).
         """
         if backing is not None and (fmt != "qcow2" or not sparse or self.kind != "file"):
             raise VolumeError(
@@ -364,6 +367,7 @@ class StorageDomain:
         }
         if backing is not None:
             meta["backing"], meta["backing_format"] = backing
+            meta["backing_file"] = backing_file or backing[0]
         with self._locked():
             if os.path.exists(self._meta_path(vol_id)):
                 raise VolumeError(f"Volume {vol_id} already exists in storage domain {self.name}")
@@ -484,7 +488,7 @@ class StorageDomain:
                 backing = []
                 if meta.get("backing"):
                     # -u: the caller probed the backing; do not open it again.
-                    backing = ["-u", "-b", meta["backing"], "-F", meta["backing_format"]]
+                    backing = ["-u", "-b", meta["backing_file"], "-F", meta["backing_format"]]
                 _run(
                     [
                         "qemu-img", "create", "-q", "-f", "qcow2",

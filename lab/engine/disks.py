@@ -297,6 +297,7 @@ class Disks:
                 bool(disk["sparse"]),
                 initial_size,
                 backing=backing,
+                backing_file=external.backing_file(*backing) if backing else None,
             )
         except StorageError as e:
             log.error("Creating the volume of disk %s failed: %s", disk["id"], e)

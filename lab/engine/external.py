@@ -17,6 +17,7 @@ import json
 import os
 import re
 import subprocess
+import urllib.parse
 
 from lab.engine import errors
 
@@ -25,6 +26,10 @@ NBD_LEGACY = re.compile(r"^nbd:(unix:[^:]+|[^:]+:\d+)(:exportname=.*)?$")
 NBD_URI = re.compile(r"^nbds?(\+tcp|\+unix)?://")
 # Seconds a probe may take: qemu gives up on an unreachable server sooner.
 PROBE_TIMEOUT = 30
+# Seconds a VM's reads wait for a lost NBD server to come back before they
+# fail; qemu keeps reconnecting after that, so a server started again on the
+# same address serves the VM again.
+RECONNECT_DELAY = 5
 
 
 def probe(url: str, sd: dict | None) -> tuple[str, str]:
@@ -60,6 +65,36 @@ def probe(url: str, sd: dict | None) -> tuple[str, str]:
         reason = proc.stderr.strip().removeprefix("qemu-img: ")
         raise _refused(f"Cannot read the external disk {url}: {reason}.")
     return url, fmt or json.loads(proc.stdout)["format"]
+
+
+def backing_file(url: str, fmt: str) -> str:
+    """What an external disk's volume names as its backing file (an image
+    of format fmt): for an NBD URL, qemu's options for it with reconnection, so that a VM whose NBD
+    server went away reads again once one serves the same address; any
+    other URL or path as it is."""
+    server = export = None
+    legacy = NBD_LEGACY.match(url)
+    if legacy:
+        where = legacy.group(1)
+        if where.startswith("unix:"):
+            server = {"type": "unix", "path": where[len("unix:") :]}
+        else:
+            host, port = where.rsplit(":", 1)
+            server = {"type": "inet", "host": host, "port": port}
+        export = (legacy.group(2) or "")[len(":exportname=") :]
+    elif url.startswith(("nbd://", "nbd+tcp://", "nbd+unix://")):
+        parts = urllib.parse.urlsplit(url)
+        export = urllib.parse.unquote(parts.path.lstrip("/"))
+        if parts.scheme != "nbd+unix":
+            server = {"type": "inet", "host": parts.hostname, "port": str(parts.port or 10809)}
+        elif socket := urllib.parse.parse_qs(parts.query).get("socket"):
+            server = {"type": "unix", "path": socket[0]}
+    if server is None:
+        return url
+    nbd = {"driver": "nbd", "server": server, "reconnect-delay": RECONNECT_DELAY}
+    if export:
+        nbd["export"] = export
+    return "json:" + json.dumps({"driver": fmt, "file": nbd})
 
 
 def _refused(message: str) -> errors.ApiError:

@@ -341,7 +341,8 @@ class Vm:
         if job is not None:
             if job["status"] not in ("concluded", "null"):
                 with contextlib.suppress(VmError):
-                    self.qmp("job-cancel", id=job_id, force=True)
+                    # Aborts even a ready mirror, leaving the source as it was.
+                    self.qmp("job-cancel", id=job_id)
                 self._wait_job(job_id, "concluded", timeout)
             with contextlib.suppress(VmError):
                 self.qmp("job-dismiss", id=job_id)

@@ -42,6 +42,10 @@ class EngineError(Exception):
     """An engine operation failed; the message says what and why."""
 
 
+class JobFailed(EngineError):
+    """The engine's job for an operation ended failed or aborted."""
+
+
 class Deadline:
     """A monotonic deadline with a poll that backs off."""
 
@@ -463,7 +467,7 @@ class Engine:
                 failed = [j for j in jobs if j.status != types.JobStatus.FINISHED]
                 if failed:
                     job = failed[0]
-                    raise EngineError(
+                    raise JobFailed(
                         f"cannot {what}: the engine's job {job.description} ended "
                         f"{job.status.value} (see the engine's events)"
                     )

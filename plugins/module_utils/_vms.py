@@ -14,6 +14,7 @@ or 60 s have passed (vdsm); live storage migration needs ``up`` or
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
 
 from ansible_collections.thinair.ovirt.plugins.module_utils._engine import (
@@ -33,6 +34,8 @@ RUNNING = (
     "migrating",
     "wait_for_launch",
 )
+# Seconds a VM may stay paused after a start before it is resumed again.
+RESUME_INTERVAL = 5.0
 # The statuses a started (or resumed) VM passes through before it runs; the
 # engine sets wait_for_launch before its start action returns, so down after
 # a start means the VM failed to start.
@@ -130,12 +133,30 @@ class Vms:
         return self.wait_running(vm, wait_for_up, timeout)
 
     def wait_running(self, vm, wait_for_up=False, timeout=None):
-        """Wait until a started VM runs (powering_up or up), or is up."""
+        """Wait until a started VM runs (powering_up or up), or is up. A VM
+        that pauses again (its storage failed it once more, say an NBD
+        server that is back but not reconnected yet) is resumed again every
+        RESUME_INTERVAL seconds."""
         if wait_for_up:
             wanted, passing = ("up",), (*STARTING, "powering_up")
         else:
             wanted, passing = ("powering_up", "up"), STARTING
-        return self.wait(vm.id, wanted, f"start VM {vm.name}", timeout, passing=passing)
+        service = self.service.vm_service(vm.id)
+        paused_since = None
+        deadline = self.engine.deadline(timeout)
+        while True:
+            current = self.wait(vm.id, (*wanted, "paused"), f"start VM {vm.name}",
+                                deadline.left(), passing=passing)  # fmt: skip
+            if status(current) != "paused":
+                return current
+            now = time.monotonic()
+            if paused_since is None:
+                paused_since = now
+            elif now - paused_since >= RESUME_INTERVAL:
+                self.engine.call(service.start, query=_correlation(),
+                                 what=f"resume VM {vm.name}", retry=False)  # fmt: skip
+                paused_since = None
+            deadline.sleep()
 
     def stop(self, vm, graceful=False, timeout=None):
         """Power the VM off (or shut it down through ACPI) and wait until it is down."""

@@ -17,7 +17,8 @@ description:
     then switches to it. Any other disk is copied, then removed from its source.
   - A disk whose data comes from an C(external_disk) stops reading it once moved.
   - Idempotent, a disk already on the target domain is left alone. A failed move leaves the disk
-    on its source, and running the task again retries it.
+    on its source; the module tries again (I(retries)), and running the task again retries it
+    too.
 extends_documentation_fragment:
   - thinair.ovirt._engine
 options:
@@ -39,6 +40,18 @@ options:
       - Correlation id of the engine's job, to find it in the engine's events and jobs. A
         random one by default.
     type: str
+  retries:
+    description:
+      - How many times a move whose job failed is asked for again. A failure can be passing, for
+        example a VM that has just lost and regained its external disk's NBD server reconnects
+        to it within seconds.
+    type: int
+    default: 2
+  retry_delay:
+    description:
+      - Seconds between a failed move and the next try.
+    type: float
+    default: 10.0
   progress_file:
     description:
       - Path on the node where the module keeps a progress record while the move runs (phase
@@ -81,6 +94,17 @@ elapsed:
   returned: when the disk moved
   type: float
   sample: 12.3
+attempts:
+  description: How many moves were asked for, 1 unless one failed.
+  returned: when the disk moved
+  type: int
+  sample: 1
+failed_tries:
+  description: Why each try that failed failed, before the one that moved the disk.
+  returned: when the disk moved
+  type: list
+  elements: str
+  sample: []
 """
 
 import time
@@ -125,7 +149,6 @@ def move(module, engine):
     if module.check_mode:
         return {"changed": True, "disk": dict(result, storage_domain=target, source=source)}
 
-    correlation_id = params["correlation_id"] or str(uuid.uuid4())
     progress = _progress.Progress(params["progress_file"], description=name)
     started = time.monotonic()
     stats = Percent(disk.provisioned_size or 0, started)
@@ -134,10 +157,28 @@ def move(module, engine):
         stats.done = stats.size * percent // 100
         progress.update(stats)
 
+    attempts = params["retries"] + 1
+    # The words of each failed try; not warnings, which a role reading the
+    # result of an async run could not decode.
+    failed_tries = []
+    correlation_id = params["correlation_id"] or str(uuid.uuid4())
     try:
         progress.set_phase("moving", size=stats.size)
-        engine.move_disk(disk.id, target, correlation_id)
-        jobs = engine.wait_jobs(correlation_id, what, on_progress=on_progress)
+        for attempt in range(1, attempts + 1):
+            engine.move_disk(disk.id, target, correlation_id)
+            try:
+                jobs = engine.wait_jobs(correlation_id, what, on_progress=on_progress)
+                break
+            except _engine.JobFailed as e:
+                if attempt == attempts:
+                    if failed_tries:
+                        raise _engine.JobFailed(f"{e}; {attempt} tries failed") from e
+                    raise
+                failed_tries.append(str(e))
+            # The failed job leaves the disk on its source, unlocked.
+            engine.wait_disk_ok(disk.id, what=what)
+            time.sleep(params["retry_delay"])
+            correlation_id = str(uuid.uuid4())
         disk = engine.wait_disk_ok(disk.id, what=what)
     finally:
         progress.remove()
@@ -155,6 +196,8 @@ def move(module, engine):
             "correlation_id": correlation_id,
         },
         "elapsed": round(time.monotonic() - started, 3),
+        "attempts": attempt,
+        "failed_tries": failed_tries,
     }
 
 
@@ -166,6 +209,8 @@ def main():
             storage_domain={"type": "str", "required": True},
             correlation_id={"type": "str"},
             progress_file={"type": "path"},
+            retries={"type": "int", "default": 2},
+            retry_delay={"type": "float", "default": 10.0},
         ),
         required_one_of=[("name", "disk_id")],
         mutually_exclusive=[("name", "disk_id")],

@@ -19,7 +19,7 @@ import time
 import pytest
 from ovirtsdk4 import types
 
-from tests.helpers import qemu_io
+from tests.helpers import qemu_io, wait_for
 from tests.integration.conftest import BIN, ROOT
 from tests.integration.transfers import auth_of
 from tests.lab.test_vms import sequence, wait_vm
@@ -319,3 +319,81 @@ def test_as_awx_runs_them(lab, sources, tmp_path, monkeypatch):
 
     job("rollback_vm.yml", {"rollback_import_vm_name": VM, "rollback_import_force": True})
     assert_nothing_left(lab, tmp_path)
+
+
+def preview_up(lab, ansible, con, boot, data):
+    """A preview import, its VM up; the VM and the data disk's id."""
+    results = run(ansible, "import_vm.yml", import_vars(lab, boot, data, quick_import_keep=False))
+    assert failures(results) == []
+    vm = vm_state(lab)
+    wait_vm(con, vm["id"], types.VmStatus.UP, timeout=60)
+    return vm, vm_disks(lab)[1]["id"]
+
+
+def finish_and_check(lab, ansible, con, data, vm, data_id, writes, tmp_path):
+    """Run the import again; then every disk is moved, the exports stopped,
+    and the data disk holds the source plus every guest write."""
+    results = run(ansible, "import_vm.yml", import_vars(lab, boot_of(tmp_path), data))
+    assert failures(results) == []
+    assert {lab.hooks.volume(d["id"])["domain"] for d in vm_disks(lab)} == {lab.file_domain}
+    assert exports_of(tmp_path) == []
+    assert vm_state(lab)["status"] == "up"
+    lab.hooks.guest_write(vm["id"], data_id, 48 * MiB, 65536, 0x44)
+    writes.append((48 * MiB, 0x44))
+    expected = str(tmp_path / "expected.qcow2")
+    shutil.copyfile(data, expected)
+    for offset, pattern in writes:
+        qemu_io(expected, "qcow2", f"write -P {pattern:#x} {offset} 64k")
+    service = con.system_service().vms_service().vm_service(vm["id"])
+    service.stop()
+    subprocess.run(["qemu-img", "compare", expected, lab.hooks.volume(data_id)["qemu_json"]],
+                   check=True)  # fmt: skip
+    results = run(ansible, "rollback_vm.yml", rollback_vars(lab, rollback_import_force=True))
+    assert failures(results) == []
+
+
+def boot_of(tmp_path):
+    return str(tmp_path / "boot.raw")
+
+
+def test_failed_moves_leave_the_vm_running(lab, ansible, con, sources, tmp_path):
+    boot, data = sources
+    vm, data_id = preview_up(lab, ansible, con, boot, data)
+    lab.hooks.guest_write(vm["id"], data_id, 16 * MiB, 65536, 0x11)
+    writes = [(16 * MiB, 0x11)]
+    lab.hooks.fail("/copy", method="MOVE", status=500, count=2, detail="mirror trouble")
+    results = run(ansible, "import_vm.yml",
+                  import_vars(lab, boot, data, quick_import_move_retries=0))  # fmt: skip
+    (failed,) = failures(results)
+    assert "2 of 2 disk moves failed; the VMs keep running from their exports" in failed["msg"]
+    assert "mirror trouble" in failed["msg"] or "Migrating Disk" in failed["msg"]
+    assert vm_state(lab)["status"] == "up"
+    assert {lab.hooks.volume(d["id"])["domain"] for d in vm_disks(lab)} == {lab.scratch_domain}
+    assert len(exports_of(tmp_path)) == 2
+    lab.hooks.guest_write(vm["id"], data_id, 24 * MiB, 65536, 0x22)
+    writes.append((24 * MiB, 0x22))
+    finish_and_check(lab, ansible, con, data, vm, data_id, writes, tmp_path)
+
+
+def test_export_killed_during_the_move(lab, ansible, con, sources, tmp_path):
+    boot, data = sources
+    vm, data_id = preview_up(lab, ansible, con, boot, data)
+    lab.hooks.guest_write(vm["id"], data_id, 16 * MiB, 65536, 0x11)
+    writes = [(16 * MiB, 0x11)]
+    # The mirrors wait a little once started: the data disk's export dies then.
+    lab.hooks.fail("/copy", method="MOVE", delay=3, count=2)
+    outcome = {}
+    runner = threading.Thread(
+        target=lambda: outcome.update(results=run(ansible, "import_vm.yml", import_vars(
+            lab, boot, data, quick_import_move_retries=0)))
+    )  # fmt: skip
+    runner.start()
+    try:
+        wait_for(lambda: vm_state(lab)["block_jobs"], 60, "the mirrors to run")
+        subprocess.run(["pkill", "-9", "-f", f"qemu-nbd.*{data}"], check=True)
+    finally:
+        runner.join()
+    failed = failures(outcome["results"])
+    assert failed and "disk moves failed" in failed[-1]["msg"]
+    assert vm_state(lab)["status"] in ("up", "paused")
+    finish_and_check(lab, ansible, con, data, vm, data_id, writes, tmp_path)
