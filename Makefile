@@ -76,6 +76,7 @@ bench: setup
 	$(PY) bench/run.py transfer
 	$(PY) bench/run.py transfer --host-address 127.0.0.1
 	$(PY) bench/run.py vm
+	$(PY) bench/run.py import
 
 clean:
 	rm -rf $(VENV) .collections .cache

@@ -3,7 +3,7 @@
 
 """Benchmarks, each against its reference measured in the same run.
 
-    .venv/bin/python bench/run.py copy|transfer|vm [--dir DIR] [--rounds N]
+    .venv/bin/python bench/run.py copy|transfer|vm|import [--dir DIR] [--rounds N]
 
 copy: a local image into a new local qcow2 through the streaming core
 against `qemu-img convert` of the same image: (a) 6 GiB with 1.5 GiB of
@@ -23,6 +23,10 @@ ovirt_imageio.client, into the same kind of disk and transfer), with
 vm: on a lab, engine start to a running VM, to the guest's ready line and to
 up, and a live storage migration against qemu-img convert (bench/vms.py).
 
+import: on a lab, import_vm.yml's start to a running VM for 1 GiB and 16 GiB
+disks, external and copied, and a whole import of four VMs against one
+(bench/imports.py).
+
 Prints wall time, CPU seconds (user+sys, child processes included), peak
 RSS and the ratios, as tables ready for the README.
 """
@@ -38,6 +42,7 @@ import sys
 import time
 from functools import partial
 
+from imports import import_suite, print_import_tables
 from vms import print_vm_tables, vm_suite
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -63,7 +68,7 @@ def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("suite", choices=["copy", "transfer", "vm"])
+    parser.add_argument("suite", choices=["copy", "transfer", "vm", "import"])
     parser.add_argument("--dir", default=os.path.join(ROOT, ".cache", "bench"))
     parser.add_argument("--rounds", type=int, default=2, help="best of N runs of each command")
     parser.add_argument(
@@ -77,6 +82,9 @@ def main():
     if args.suite == "vm":
         rows = vm_suite(args.dir, args.rounds)
         print_vm_tables(rows)
+    elif args.suite == "import":
+        rows = import_suite(args.dir, args.rounds)
+        print_import_tables(rows)
     elif args.suite == "copy":
         rows = copy_suite(args.dir, args.rounds)
         print_table(rows, "qemu-img")

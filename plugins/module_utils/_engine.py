@@ -19,6 +19,8 @@ import time
 import traceback
 import uuid
 
+from ansible.module_utils.basic import missing_required_lib
+
 try:
     import ovirtsdk4 as sdk
     from ovirtsdk4 import types
@@ -79,6 +81,29 @@ def fault_text(e):
     if fault is not None and (fault.detail or fault.reason):
         return (fault.detail or fault.reason).strip()
     return str(e)
+
+
+def run_module(module, work):
+    """Run work(engine) for a module that only talks to the engine, logged
+    in with the module's auth, timeout and poll_interval, and exit with the
+    result it returns; an EngineError fails the module. The session ends in
+    any case."""
+    if SDK_IMPORT_ERROR:
+        module.fail_json(
+            msg=missing_required_lib("ovirt-engine-sdk-python"), exception=SDK_IMPORT_ERROR
+        )
+    params = module.params
+    engine = None
+    try:
+        engine = Engine(params["auth"], timeout=params["timeout"],
+                        poll_interval=params["poll_interval"])  # fmt: skip
+        result = work(engine)
+    except EngineError as e:
+        module.fail_json(msg=str(e), exception=traceback.format_exc())
+    finally:
+        if engine is not None:
+            engine.close()
+    module.exit_json(**result)
 
 
 class Engine:

@@ -110,9 +110,8 @@ external:
   sample: true
 """
 
-import traceback
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.thinair.ovirt.plugins.module_utils import _common, _engine
 
@@ -233,23 +232,7 @@ def main():
         ),
         supports_check_mode=True,
     )
-    if _engine.SDK_IMPORT_ERROR:
-        module.fail_json(
-            msg=missing_required_lib("ovirt-engine-sdk-python"), exception=_engine.SDK_IMPORT_ERROR
-        )
-    params = module.params
-    engine = None
-    try:
-        engine = _engine.Engine(
-            params["auth"], timeout=params["timeout"], poll_interval=params["poll_interval"]
-        )
-        result = DiskState(module, engine).run()
-    except _engine.EngineError as e:
-        module.fail_json(msg=str(e), exception=traceback.format_exc())
-    finally:
-        if engine is not None:
-            engine.close()
-    module.exit_json(**result)
+    _engine.run_module(module, lambda engine: DiskState(module, engine).run())
 
 
 if __name__ == "__main__":

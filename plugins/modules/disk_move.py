@@ -108,10 +108,9 @@ failed_tries:
 """
 
 import time
-import traceback
 import uuid
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.thinair.ovirt.plugins.module_utils import _common, _engine, _progress
 
@@ -216,23 +215,7 @@ def main():
         mutually_exclusive=[("name", "disk_id")],
         supports_check_mode=True,
     )
-    if _engine.SDK_IMPORT_ERROR:
-        module.fail_json(
-            msg=missing_required_lib("ovirt-engine-sdk-python"), exception=_engine.SDK_IMPORT_ERROR
-        )
-    params = module.params
-    engine = None
-    try:
-        engine = _engine.Engine(
-            params["auth"], timeout=params["timeout"], poll_interval=params["poll_interval"]
-        )
-        result = move(module, engine)
-    except _engine.EngineError as e:
-        module.fail_json(msg=str(e), exception=traceback.format_exc())
-    finally:
-        if engine is not None:
-            engine.close()
-    module.exit_json(**result)
+    _engine.run_module(module, lambda engine: move(module, engine))
 
 
 if __name__ == "__main__":
