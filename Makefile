@@ -57,9 +57,14 @@ sanity: setup
 unit: setup
 	$(PYTEST) tests/unit
 
-# The lab's own tests, then the modules run with ansible-playbook.
+# The lab's own tests and the modules and roles run with ansible-playbook,
+# side by side, each suite with its own lab; the lab's output follows.
 integration: setup
-	$(PYTEST) tests/lab tests/integration
+	@log=$$(mktemp); \
+	$(PYTEST) --basetemp=/tmp/thinair-tests-lab tests/lab > $$log 2>&1 & lab=$$!; \
+	$(PYTEST) --basetemp=/tmp/thinair-tests-integration tests/integration; rc=$$?; \
+	wait $$lab; lab_rc=$$?; echo "--- tests/lab"; cat $$log; rm -f $$log; \
+	[ $$rc -eq 0 ] && [ $$lab_rc -eq 0 ]
 
 # Every scenario under extensions/molecule, each against its own lab.
 molecule: setup

@@ -34,8 +34,10 @@ RUNNING = (
     "migrating",
     "wait_for_launch",
 )
-# Seconds a VM may stay paused after a start before it is resumed again.
+# Seconds a VM may stay paused after a start before it is resumed again, and
+# how many times: a VM that pauses for a minute has storage that fails it.
 RESUME_INTERVAL = 5.0
+RESUMES = 12
 # The statuses a started (or resumed) VM passes through before it runs; the
 # engine sets wait_for_launch before its start action returns, so down after
 # a start means the VM failed to start.
@@ -143,6 +145,7 @@ class Vms:
             wanted, passing = ("powering_up", "up"), STARTING
         service = self.service.vm_service(vm.id)
         paused_since = None
+        resumes = 0
         deadline = self.engine.deadline(timeout)
         while True:
             current = self.wait(vm.id, (*wanted, "paused"), f"start VM {vm.name}",
@@ -153,8 +156,14 @@ class Vms:
             if paused_since is None:
                 paused_since = now
             elif now - paused_since >= RESUME_INTERVAL:
+                if resumes == RESUMES:
+                    raise EngineError(
+                        f"cannot start VM {vm.name}: it paused again after {resumes} resumes; "
+                        "its storage fails it (see the engine's events)"
+                    )
                 self.engine.call(service.start, query=_correlation(),
                                  what=f"resume VM {vm.name}", retry=False)  # fmt: skip
+                resumes += 1
                 paused_since = None
             deadline.sleep()
 
