@@ -56,7 +56,8 @@ def import_suite(workdir, rounds):
                 for _round in range(rounds):
                     vms = [vm_spec("bench-import", boot, data[size])]
                     times.append(run_import(hooks, auth, workdir, vms, method, keep=False))
-                    rollback(auth, workdir, vms)
+                    # A copied VM's disks are on their domain: its import is complete.
+                    rollback(auth, workdir, vms, force=True)
                 running = min(t["running"] for t in times)
                 total = min(t["total"] for t in times)
                 rows["starts"].append(
@@ -100,13 +101,16 @@ def playbook(name, extra_vars, workdir):
     vars_file = os.path.join(workdir, "import-vars.json")
     with open(vars_file, "w") as f:
         json.dump(extra_vars, f)
-    subprocess.run(
+    proc = subprocess.run(
         [os.path.join(BIN, "ansible-playbook"), os.path.join(ROOT, "playbooks", name),
          "-e", f"@{vars_file}"],
         cwd=ROOT,
-        check=True,
-        stdout=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
     )  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}")
 
 
 def run_import(hooks, auth, workdir, vms, method, keep):

@@ -139,6 +139,13 @@ url:
   returned: when I(state=present)
   type: str
   sample: nbd://127.0.0.1:10809/vm1-disk1
+size:
+  description:
+    - Size in bytes of the export, as NBD clients see it; what a disk reading it needs at least.
+    - C(null) in check mode when the export would be started, and for a TLS export.
+  returned: when I(state=present)
+  type: int
+  sample: 21474836480
 pid:
   description:
     - Process id of the qemu-nbd serving the export.
@@ -257,6 +264,7 @@ class NbdExport:
         return {
             "changed": changed,
             "url": export.url,
+            "size": _size(export),
             "pid": export.pid,
             "format": export.format,
             "export_name": export.export_name,
@@ -264,6 +272,21 @@ class NbdExport:
             "image": export.image,
             "command": export.argv,
         }
+
+
+def _size(export):
+    """The export's size as its clients see it, read over NBD; None for an
+    export that is not running (check mode) or that needs TLS."""
+    if export.pid is None or export.tls:
+        return None
+    try:
+        client = _nbd.Client(export.url, meta_contexts=())
+    except _nbd.Error as e:
+        raise _qemu.QemuError(f"the export at {export.url} runs but does not answer: {e}") from e
+    try:
+        return client.export_size
+    finally:
+        client.close()
 
 
 def _describe(export):

@@ -91,6 +91,7 @@ def test_lifecycle(ansible, images):
     assert first["url"] == f"nbd://127.0.0.1:{port}/disk1"
     assert (first["format"], first["export_name"], first["readonly"]) == ("qcow2", "disk1", True)
     assert first["image"] == images["qcow2"]
+    assert first["size"] == SIZE
     assert "stopped_pid" not in first
     assert first["diff"]["before"] == {}
     assert first["diff"]["after"]["url"] == first["url"]
