@@ -135,6 +135,7 @@ def test_import_preview_then_keep(lab, ansible, con, sources, tmp_path):
     assert {lab.hooks.volume(d["id"])["domain"] for d in disks} == {lab.scratch_domain}
     assert len(exports_of(tmp_path)) == 2
     boot_id, data_id = disks[0]["id"], disks[1]["id"]
+    temporary = [lab.hooks.volume(d["id"])["path"] for d in disks]
 
     # The guest writes before, during and after the moves a second run makes.
     wait_vm(con, vm["id"], types.VmStatus.UP, timeout=60)
@@ -178,6 +179,7 @@ def test_import_preview_then_keep(lab, ansible, con, sources, tmp_path):
     lab.hooks.guest_write(vm["id"], data_id, 32 * MiB, 65536, 0x33)
     writes.append((32 * MiB, 0x33))
     assert {lab.hooks.volume(d)["domain"] for d in (boot_id, data_id)} == {lab.file_domain}
+    assert [path for path in temporary if os.path.exists(path)] == []
     assert exports_of(tmp_path) == []
     assert vm_state(lab)["status"] == "up"
 
