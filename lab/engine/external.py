@@ -69,9 +69,9 @@ def probe(url: str, sd: dict | None) -> tuple[str, str]:
 
 def backing_file(url: str, fmt: str) -> str:
     """What an external disk's volume names as its backing file (an image
-    of format fmt): for an NBD URL, qemu's options for it with reconnection, so that a VM whose NBD
-    server went away reads again once one serves the same address; any
-    other URL or path as it is."""
+    of format fmt): for an NBD URL, qemu's options for it with reconnection,
+    so that a VM whose NBD server went away reads again once one serves the
+    same address; any other URL or path as it is."""
     server = export = None
     legacy = NBD_LEGACY.match(url)
     if legacy:
