@@ -162,9 +162,10 @@ class Lab:
             if value is None:
                 continue
             # A zero wait is a valid choice, a zero poll interval a busy loop.
-            if value < 0 or (value == 0 and name == "poll_interval"):
+            least = "> 0" if name == "poll_interval" else ">= 0"
+            if value < 0 or (value == 0 and least == "> 0"):
                 words = name.replace("_", " ")
-                raise LabError(f"Invalid {words} {value}: use seconds > 0")
+                raise LabError(f"Invalid {words} {value}: use seconds {least}")
             config[name] = value
         _write_json(self.config_path, config, 0o600)
         _write_file(self.password_path, config["password"], 0o600)

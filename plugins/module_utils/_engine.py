@@ -193,6 +193,16 @@ class Engine:
         service = self.system.storage_domains_service().storage_domain_service(sd_id)
         return self.call(service.get, what=f"look up storage domain {sd_id}")
 
+    def disk_domain(self, disk):
+        """The storage domain a disk is on, or None for a disk on none."""
+        if not disk.storage_domains:
+            return None
+        return self.storage_domain_by_id(disk.storage_domains[0].id)
+
+    def disk_domain_name(self, disk):
+        domain = self.disk_domain(disk)
+        return domain.name if domain is not None else None
+
     def disk(self, disk_id=None, name=None):
         """The disk with this id, or the one disk with this name; None if there is none."""
         service = self.system.disks_service()

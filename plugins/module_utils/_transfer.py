@@ -308,7 +308,7 @@ def _upload_existing(engine, options, progress, facts, disk, check_mode):
             f"the image is {facts['virtual_size']} bytes but disk {name} ({disk.id}) holds only "
             f"{disk.provisioned_size} bytes; extend the disk or upload to a new one"
         )
-    sd = _domain(engine, disk)
+    sd = engine.disk_domain(disk)
     result = {"changed": True, "plan": {"disk_id": disk.id, "name": name, "existing": True}}
     if not options.get("force"):
         progress.set_phase("comparing checksums")
@@ -433,7 +433,7 @@ def download(engine, options, progress, check_mode=False):
         raise TransferError(f"cannot write {dest}: it is a directory")
     fmt = options.get("format", "qcow2")
     snapshot_id = options.get("snapshot_id")
-    sd = _domain(engine, disk)
+    sd = engine.disk_domain(disk)
     result = {
         "changed": True,
         "disk": disk_result(disk, sd.name if sd else None),
@@ -479,13 +479,6 @@ def download(engine, options, progress, check_mode=False):
     result["transfer"] = session.result(stats)
     progress.set_phase("done")
     return result
-
-
-def _domain(engine, disk):
-    """The storage domain of a disk, or None for a disk on none."""
-    if not disk.storage_domains:
-        return None
-    return engine.storage_domain_by_id(disk.storage_domains[0].id)
 
 
 def _default_name(image):

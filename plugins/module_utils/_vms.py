@@ -201,13 +201,13 @@ class Vms:
             vm = self.get(vm_id)
             if vm is None:
                 raise EngineError(f"cannot {what}: the engine removed VM {vm_id}")
-            status = vm.status.value if vm.status else "unknown"
-            if status in wanted:
+            current = status(vm) or "unknown"
+            if current in wanted:
                 return vm
-            if passing and status not in passing:
-                raise EngineError(f"cannot {what}: the VM is {status}{_reason(vm)}")
+            if passing and current not in passing:
+                raise EngineError(f"cannot {what}: the VM is {current}{_reason(vm)}")
             if deadline.expired():
-                raise EngineError(f"cannot {what}: the VM is still {status}")
+                raise EngineError(f"cannot {what}: the VM is still {current}")
             deadline.sleep()
 
 

@@ -180,7 +180,7 @@ class DiskState:
     def check_matches(self, disk, size):
         """A disk of this name that is not the one asked for is an error."""
         params = self.params
-        domain = self.domain_name(disk)
+        domain = self.engine.disk_domain_name(disk)
         wrong = []
         if domain != params["storage_domain"]:
             wrong.append(f"it is on storage domain {domain}, not {params['storage_domain']}")
@@ -196,11 +196,6 @@ class DiskState:
                 )
             )
 
-    def domain_name(self, disk):
-        if not disk.storage_domains:
-            return None
-        return self.engine.storage_domain_by_id(disk.storage_domains[0].id).name
-
     def result(self, disk):
         return {
             "id": disk.id,
@@ -209,7 +204,7 @@ class DiskState:
             "sparse": disk.sparse,
             "provisioned_size": disk.provisioned_size,
             "status": disk.status.value if disk.status else None,
-            "storage_domain": self.domain_name(disk),
+            "storage_domain": self.engine.disk_domain_name(disk),
             "external_disk": disk.external_disk,
         }
 

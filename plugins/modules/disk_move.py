@@ -124,12 +124,6 @@ class Percent:
         self.start = start
 
 
-def domain_name(engine, disk):
-    if not disk.storage_domains:
-        return None
-    return engine.storage_domain_by_id(disk.storage_domains[0].id).name
-
-
 def move(module, engine):
     params = module.params
     name = params["name"] or params["disk_id"]
@@ -141,7 +135,7 @@ def move(module, engine):
     what = f"move disk {name} to {target}"
     # A disk that is locked (by an earlier move, say) settles first.
     disk = engine.wait_disk_ok(disk.id, what=what)
-    source = domain_name(engine, disk)
+    source = engine.disk_domain_name(disk)
     result = {"id": disk.id, "name": disk.alias, "status": "ok", "storage_domain": source}
     if source == target:
         return {"changed": False, "disk": result}
@@ -181,7 +175,7 @@ def move(module, engine):
         disk = engine.wait_disk_ok(disk.id, what=what)
     finally:
         progress.remove()
-    now = domain_name(engine, disk)
+    now = engine.disk_domain_name(disk)
     if now != target:
         module.fail_json(msg=f"cannot {what}: the engine's job ended but the disk is on {now}")
     job = jobs[-1]

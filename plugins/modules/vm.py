@@ -242,9 +242,7 @@ class VmState:
         return found
 
     def attach(self, vm, disks):
-        attached = set()
-        if vm is not None and vm.id is not None:
-            attached = {a.id for a in self.vms.attachments(vm.id)}
+        attached = {a.id for a in self.vms.attachments(vm.id)}
         for disk, item in disks:
             if disk.id in attached:
                 continue
@@ -276,9 +274,7 @@ class VmState:
         disks = []
         for attachment in self.vms.attachments(vm.id):
             disk = self.engine.get_disk(attachment.id)
-            domain = None
-            if disk is not None and disk.storage_domains:
-                domain = self.engine.storage_domain_by_id(disk.storage_domains[0].id).name
+            domain = self.engine.disk_domain_name(disk) if disk is not None else None
             disks.append(
                 {
                     "id": attachment.id,
