@@ -620,10 +620,9 @@ class Client:
         self._send_split(
             operation, NBD_CMD_WRITE, flags, offset, len(view), self.maximum_block_size, view
         )
-        if fua and not self.can_fua and self.can_flush:
-            # No FUA on this server: a flush sent after the writes is answered
-            # only once they are stable, and completes the same handle.
-            self._send_request(operation, NBD_CMD_FLUSH, 0, 0, 0)
+        # No FUA on this server: once the writes are answered, a flush makes
+        # them stable and completes the same handle.
+        operation.flush_after = fua and not self.can_fua and self.can_flush
         return handle
 
     def submit_zero(self, offset, length, punch_hole=True):
@@ -1198,6 +1197,12 @@ class Client:
         operation.pending -= 1
         if operation.error is None:
             operation.error = request.error
+        if operation.flush_after and not operation.pending and operation.error is None:
+            # A flush covers only the writes answered before it was received
+            # (NBD_CMD_FLUSH in the protocol), so it waits for their replies.
+            # The reply just received left room in flight for it.
+            operation.flush_after = False
+            self._send_request(operation, NBD_CMD_FLUSH, 0, 0, 0)
 
     def _inflight_request(self, cookie):
         request = self._inflight.get(cookie)
@@ -1343,12 +1348,13 @@ class Client:
 class _Operation:
     """What one handle waits for: one or more requests."""
 
-    __slots__ = ("error", "pending", "requests")
+    __slots__ = ("error", "flush_after", "pending", "requests")
 
     def __init__(self):
         self.requests = []
         self.pending = 0
         self.error = None
+        self.flush_after = False
 
 
 class _Request:
