@@ -121,9 +121,16 @@ class Volume:
         """A ``json:{...}`` filename opening the volume as qemu on a host would."""
         return "json:" + json.dumps(self.qemu_node(readonly))
 
-    def qemu_node(self, readonly: bool = False) -> dict:
-        """The qemu block node description of the volume, for ``-blockdev``."""
+    def qemu_node(self, readonly: bool = False, direct: bool = False) -> dict:
+        """The qemu block node description of the volume, for ``-blockdev``.
+
+        direct: open the file with O_DIRECT, as a VM's disks are (vdsm gives
+        libvirt ``cache="none"``); a domain supports it (check_direct_io).
+        """
         file_node = self._file_node()
+        if direct:
+            inner = file_node.get("file", file_node)
+            inner["cache"] = {"direct": True}
         if self.format == "raw" and file_node["driver"] == "raw":
             # The LV bound is itself a raw node.
             node = file_node

@@ -159,7 +159,9 @@ class Moves:
         jobs.end_step(step, succeeded=True)
         step = jobs.add_step(job_id, "Synchronizing image data")
         node_name = "m" + uuid.uuid4().hex[:30]
-        node = dict(volume.qemu_node(), discard="unmap")
+        # Opened as the VM's disks are: through the page cache, a mirror of
+        # 1 GiB is two to three times slower.
+        node = dict(volume.qemu_node(direct=True), discard="unmap")
         mirror = running.mirror(disk["id"], node, node_name)
         try:
             self._fault("/copy")

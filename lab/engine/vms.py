@@ -533,7 +533,7 @@ class Vms:
             raise HostError(f"Disk {disk['alias']} has no volume")
         return VmDisk(
             disk["id"],
-            volume.qemu_node(),
+            volume.qemu_node(direct=True),
             attachment["interface"],
             bootable=bool(attachment["bootable"]),
             read_only=bool(attachment["read_only"]),
