@@ -14,8 +14,9 @@ options:
         be passed as it is, or set once for every module with C(module_defaults) and the
         C(group/thinair.ovirt.ovirt) action group.
       - Give C(username) and C(password), or a C(token).
+      - May be left out when the environment holds the URL (E(OVIRT_URL) or E(OVIRT_HOSTNAME)) and
+        the credentials, as the oVirt credential of AWX sets them.
     type: dict
-    required: true
     suboptions:
       url:
         description:

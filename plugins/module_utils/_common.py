@@ -28,7 +28,9 @@ AUTH_OPTIONS = {
 }
 
 COMMON_OPTIONS = {
-    "auth": {"type": "dict", "required": True, "options": AUTH_OPTIONS},
+    # Left out, it is read from the environment alone (apply_defaults runs
+    # the fallbacks), as AWX's oVirt credential provides it.
+    "auth": {"type": "dict", "options": AUTH_OPTIONS, "apply_defaults": True},
     "timeout": {"type": "int", "default": 3600},
     "poll_interval": {"type": "float", "default": 1.0},
 }

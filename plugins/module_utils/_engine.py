@@ -72,7 +72,10 @@ def engine_url(auth):
         return auth["url"]
     if auth.get("hostname"):
         return "https://{}/ovirt-engine/api".format(auth["hostname"])
-    raise EngineError("auth needs url or hostname (or OVIRT_URL in the environment)")
+    raise EngineError(
+        "no engine to connect to: give auth.url or auth.hostname, or set OVIRT_URL or "
+        "OVIRT_HOSTNAME in the environment"
+    )
 
 
 def fault_text(e):
@@ -115,7 +118,11 @@ class Engine:
         self.poll_interval = poll_interval
         has_password = auth.get("username") and auth.get("password")
         if not (has_password or auth.get("token") or auth.get("kerberos")):
-            raise EngineError("auth needs username and password, a token, or kerberos: true")
+            raise EngineError(
+                "no credentials for the engine: give auth.username and auth.password, "
+                "auth.token or auth.kerberos: true, or set OVIRT_USERNAME and OVIRT_PASSWORD "
+                "(or OVIRT_TOKEN) in the environment"
+            )
         self.connection = sdk.Connection(
             url=self.url,
             username=auth.get("username"),

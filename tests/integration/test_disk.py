@@ -110,3 +110,35 @@ def test_existing_disk_of_another_size_is_an_error(lab, ansible):
     assert "its size is 67108864, not 134217728" in results[1]["msg"]
     assert results[2]["changed"]
     assert lab_disks(lab, "disk-other") == []
+
+
+def test_auth_from_the_environment_alone(lab, ansible):
+    # No auth option at all, as AWX's oVirt credential runs modules.
+    ansible.env.update(
+        OVIRT_URL=lab.engine_url,
+        OVIRT_USERNAME=lab.username,
+        OVIRT_PASSWORD=lab.password,
+        OVIRT_CAFILE=lab.ca_file,
+    )
+    task = {"thinair.ovirt.disk": {"name": "disk-env", "storage_domain": "nfs1", "size": "1MiB"}}
+    absent = {"thinair.ovirt.disk": {"name": "disk-env", "state": "absent"}}
+    results = ansible.playbook([task, absent])
+    assert [r.get("changed") for r in results] == [True, True], results
+    assert lab_disks(lab, "disk-env") == []
+
+
+@pytest.mark.parametrize(
+    "env, words",
+    [
+        ({}, "give auth.url or auth.hostname, or set OVIRT_URL or OVIRT_HOSTNAME"),
+        ({"OVIRT_HOSTNAME": "engine.invalid"}, "give auth.username and auth.password"),
+    ],
+)
+def test_no_engine_or_credentials_anywhere(ansible, env, words):
+    for name in ("OVIRT_URL", "OVIRT_HOSTNAME", "OVIRT_USERNAME", "OVIRT_PASSWORD",
+                 "OVIRT_TOKEN"):  # fmt: skip
+        ansible.env.pop(name, None)
+    ansible.env.update(env)
+    results = ansible.playbook([{"thinair.ovirt.disk": {"name": "disk-env", "state": "absent"}}])
+    assert results[0]["failed"]
+    assert words in results[0]["msg"]
