@@ -21,6 +21,8 @@ import uuid
 
 from ansible.module_utils.basic import missing_required_lib
 
+from ansible_collections.thinair.ovirt.plugins.module_utils import _signals
+
 try:
     import ovirtsdk4 as sdk
     from ovirtsdk4 import types
@@ -97,15 +99,18 @@ def run_module(module, work):
         )
     params = module.params
     engine = None
-    try:
-        engine = Engine(params["auth"], timeout=params["timeout"],
-                        poll_interval=params["poll_interval"])  # fmt: skip
-        result = work(engine)
-    except EngineError as e:
-        module.fail_json(msg=str(e), exception=traceback.format_exc())
-    finally:
-        if engine is not None:
-            engine.close()
+    with _signals.stop_on_signals():
+        try:
+            engine = Engine(params["auth"], timeout=params["timeout"],
+                            poll_interval=params["poll_interval"])  # fmt: skip
+            result = work(engine)
+        except _signals.Stopped as e:
+            module.fail_json(msg=f"{e} before it finished")
+        except EngineError as e:
+            module.fail_json(msg=str(e), exception=traceback.format_exc())
+        finally:
+            if engine is not None:
+                engine.close()
     module.exit_json(**result)
 
 

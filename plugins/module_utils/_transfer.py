@@ -26,6 +26,7 @@ from ansible_collections.thinair.ovirt.plugins.module_utils import (
     _plan,
     _progress,
     _qemu,
+    _signals,
 )
 
 MiB = 1024**2
@@ -67,27 +68,30 @@ def run_module(module, action, description):
     # The whole operation's deadline: the copy gives up when it passes.
     deadline = _engine.Deadline(params["timeout"], params["poll_interval"])
     engine = None
-    try:
-        engine = _engine.Engine(
-            params["auth"], timeout=params["timeout"], poll_interval=params["poll_interval"]
-        )
-        options = dict(
-            params,
-            ca_file=params["auth"].get("ca_file"),
-            insecure=params["auth"].get("insecure"),
-            workers=params["max_workers"],
-            request_size=params["buffer_size"],
-            deadline=deadline,
-        )
-        if params["transfer_host"]:
-            options["host_id"] = engine.host_by_name(params["transfer_host"]).id
-        result = action(engine, options, progress, check_mode=module.check_mode)
-    except FAILURES as e:
-        module.fail_json(msg=str(e), exception=traceback.format_exc())
-    finally:
-        if engine is not None:
-            engine.close()
-        progress.remove()
+    with _signals.stop_on_signals():
+        try:
+            engine = _engine.Engine(
+                params["auth"], timeout=params["timeout"], poll_interval=params["poll_interval"]
+            )
+            options = dict(
+                params,
+                ca_file=params["auth"].get("ca_file"),
+                insecure=params["auth"].get("insecure"),
+                workers=params["max_workers"],
+                request_size=params["buffer_size"],
+                deadline=deadline,
+            )
+            if params["transfer_host"]:
+                options["host_id"] = engine.host_by_name(params["transfer_host"]).id
+            result = action(engine, options, progress, check_mode=module.check_mode)
+        except _signals.Stopped as e:
+            module.fail_json(msg=f"{e}; what the module had started was undone")
+        except FAILURES as e:
+            module.fail_json(msg=str(e), exception=traceback.format_exc())
+        finally:
+            if engine is not None:
+                engine.close()
+            progress.remove()
     module.exit_json(**result)
 
 

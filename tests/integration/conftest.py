@@ -45,11 +45,22 @@ class Ansible:
         play = [{"hosts": "localhost", "gather_facts": False, "tasks": tasks}]
         return self.run(yaml.safe_dump(play), check, extra_vars)
 
+    def start(self, tasks):
+        """Start ansible-playbook running tasks on localhost, in a session of
+        its own (a terminal's Ctrl-C signals the whole process group)."""
+        play = [{"hosts": "localhost", "gather_facts": False, "tasks": tasks}]
+        return subprocess.Popen(
+            self._command(yaml.safe_dump(play)),
+            cwd=ROOT,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
     def run(self, playbook, check=False, extra_vars=None):
         """Run a playbook given as YAML text; the task results in order."""
-        path = self.tmp_path / "playbook.yml"
-        path.write_text(playbook)
-        cmd = [os.path.join(BIN, "ansible-playbook"), "-i", self.inventory, str(path)]
+        cmd = self._command(playbook)
         if check:
             cmd.append("--check")
         if extra_vars:
@@ -62,6 +73,11 @@ class Ansible:
         results = json.loads(self.results.read_text())
         self.results.unlink()
         return results
+
+    def _command(self, playbook):
+        path = self.tmp_path / "playbook.yml"
+        path.write_text(playbook)
+        return [os.path.join(BIN, "ansible-playbook"), "-i", self.inventory, str(path)]
 
     def module(self, name, args):
         """Run one module with `ansible localhost -m`; return its result."""

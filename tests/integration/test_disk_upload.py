@@ -18,6 +18,7 @@ import json
 import os
 import random
 import re
+import signal
 import socket
 import ssl
 import struct
@@ -598,6 +599,82 @@ def test_imageio_restart_mid_upload(modules, lab, lab_state, images, tmp_path):
     phases = lab.hooks.states(transfer.id)
     assert "cancelled_user" in phases
     assert phases[-1] == "finished_failure"
+
+
+@pytest.mark.parametrize("direction", ["upload", "download"])
+@pytest.mark.parametrize(
+    "signo, whom", [(signal.SIGTERM, "process"), (signal.SIGINT, "group")], ids=["kill", "ctrl-c"]
+)
+def test_stopped_by_a_signal(modules, lab, lab_state, tmp_path, direction, signo, whom):
+    """ansible-playbook is stopped while data moves, by kill (SIGTERM to it)
+    or a terminal's Ctrl-C (SIGINT to its process group); Ansible passes the
+    signal on to the module. Within 5 s nothing is left: an upload's transfer
+    is cancelled and its new disk removed, a download's transfer finalized
+    and its partial file removed; no ticket, no qemu-nbd, no module."""
+    image = make_full_raw(tmp_path / "stopped.raw", 64 * MiB, 48 * MiB)
+    progress = tmp_path / "progress.json"
+    dest = tmp_path / "stopped.qcow2"
+    keep = set()
+    if direction == "upload":
+        task = modules.upload(
+            image=image, storage_domain="nfs1", name="stopped", buffer_size=65536,
+            progress_file=str(progress),
+        )  # fmt: skip
+    else:
+        disk = ok(modules.run_one(modules.upload(image=image, storage_domain="nfs1")), True)
+        keep = {disk["disk"]["id"]}
+        task = modules.download(
+            disk_id=disk["disk"]["id"], dest=str(dest), buffer_size=65536,
+            progress_file=str(progress),
+        )  # fmt: skip
+    # Slow storage and small requests keep the copy going for seconds.
+    lab.hooks.slow_storage(20)
+    playbook = modules.ansible.start([task])
+    try:
+        wait_for(
+            lambda: (read_progress(progress) or {}).get("phase") == direction + "ing",
+            what=f"the {direction} to start",
+        )
+        time.sleep(0.3)
+        if whom == "group":
+            os.killpg(playbook.pid, signo)
+        else:
+            playbook.send_signal(signo)
+
+        def nothing_left():
+            try:
+                lab_state.assert_nothing_left(disks=keep)
+            except AssertionError:
+                return False
+            return not modules_running() and not progress.exists()
+
+        wait_for(nothing_left, timeout=5, what="nothing left of the stopped " + direction)
+    finally:
+        playbook.kill()
+        playbook.wait()
+    assert not dest.exists()
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".part")]
+    (transfer,) = lab_state.new_transfers(direction)
+    phases = lab.hooks.states(transfer.id)
+    if direction == "upload":
+        assert "cancelled_user" in phases
+        assert phases[-1] == "finished_failure"
+    else:
+        assert phases[-1] == "finished_success"
+
+
+def modules_running():
+    """Processes running one of the collection's modules."""
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if b"AnsiballZ_disk_" in cmdline:
+            found.append(int(pid))
+    return found
 
 
 def test_timeout_bounds_the_copy(modules, lab, lab_state, tmp_path):
