@@ -307,10 +307,12 @@ class Hooks:
         count: int = 1,
         detail: str | None = None,
         delay: float = 0,
+        after: bool = False,
     ) -> dict:
         """Make the next count calls matching method and path pattern wait
-        delay seconds and fail with status."""
-        spec = {"method": method, "path": path, "count": count, "delay": delay}
+        delay seconds and fail with status; with after, each call is carried
+        out first and only its answer is the failure."""
+        spec = {"method": method, "path": path, "count": count, "delay": delay, "after": after}
         if status is not None:
             spec["status"] = status
         if detail is not None:

@@ -46,7 +46,7 @@ PREFIX = "/lab"
 
 
 class Fault:
-    def __init__(self, fault_id, method, path, status, count, detail, delay):
+    def __init__(self, fault_id, method, path, status, count, detail, delay, after=False):
         self.id = fault_id
         self.method = method
         self.path = path
@@ -54,6 +54,8 @@ class Fault:
         self.count = count
         self.detail = detail
         self.delay = delay
+        # The call is carried out, and its answer lost: the failure replaces it.
+        self.after = after
 
     def matches(self, method: str, path: str) -> bool:
         return (self.method in ("*", method)) and fnmatch.fnmatchcase(path, self.path)
@@ -67,6 +69,7 @@ class Fault:
             "count": self.count,
             "detail": self.detail,
             "delay": self.delay,
+            "after": self.after,
         }
 
 
@@ -96,8 +99,11 @@ class Faults:
             raise errors.bad_request(f"Invalid fault delay {delay!r}: use seconds >= 0")
         if status is None and not delay:
             raise errors.bad_request("A fault needs a 'status', a 'delay', or both")
+        after = spec.get("after", False)
+        if not isinstance(after, bool) or (after and status is None):
+            raise errors.bad_request("Invalid fault 'after': use true with a status, or false")
         detail = spec.get("detail") or f"Injected failure of {method} {path}"
-        fault = Fault(next(self._ids), method, path, status, count, detail, delay)
+        fault = Fault(next(self._ids), method, path, status, count, detail, delay, after)
         with self._lock:
             self._faults.append(fault)
         return fault

@@ -126,7 +126,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if path != API_PREFIX and not path.startswith(API_PREFIX + "/"):
             return api.Reply(errors.NOT_FOUND)
         fault = engine.faults.take(method, path)
-        if fault is not None:
+        if fault is not None and not fault.after:
             reply = hooks.apply(fault)
             if reply is not None:
                 return reply
@@ -135,7 +135,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             reply.headers["WWW-Authenticate"] = 'Basic realm="RESTAPI"'
             return reply
         relative = path[len(API_PREFIX) :].strip("/")
-        return engine.api.dispatch(api.Request(method, relative, query, body))
+        reply = engine.api.dispatch(api.Request(method, relative, query, body))
+        if fault is not None and fault.after:
+            return hooks.apply(fault)
+        return reply
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":

@@ -110,6 +110,13 @@ options:
     type: str
     choices: [auto, always, never]
     default: auto
+  retry_timeout:
+    description:
+      - Seconds a request to imageio that lost its connection (the daemon restarting, a reset
+        connection) is sent again on new connections before the transfer fails. Every request
+        is idempotent, so the copy goes on where it was.
+    type: int
+    default: 60
   inactivity_timeout:
     description:
       - Seconds the engine lets the transfer sit idle before applying I(timeout_policy); the

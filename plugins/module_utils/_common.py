@@ -42,6 +42,7 @@ TRANSFER_OPTIONS = {
     "buffer_size": {"type": "int", "default": 8388608},
     "transfer_host": {"type": "str"},
     "proxy": {"type": "str", "choices": ["auto", "always", "never"], "default": "auto"},
+    "retry_timeout": {"type": "int", "default": 60},
     "inactivity_timeout": {"type": "int"},
     "timeout_policy": {
         "type": "str",

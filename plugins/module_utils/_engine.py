@@ -25,13 +25,18 @@ from ansible_collections.thinair.ovirt.plugins.module_utils import _signals
 
 try:
     import ovirtsdk4 as sdk
+    import pycurl
     from ovirtsdk4 import types
 except ImportError:
     sdk = None
     types = None
     SDK_IMPORT_ERROR = traceback.format_exc()
+    LOST_CONNECTION_ERRORS = ()
 else:
     SDK_IMPORT_ERROR = None
+    # libcurl's errors for a request sent and never answered: an empty
+    # reply, a connection reset while sending or receiving.
+    LOST_CONNECTION_ERRORS = (pycurl.E_GOT_NOTHING, pycurl.E_SEND_ERROR, pycurl.E_RECV_ERROR)
 
 # Waiting starts with this pause and grows by BACKOFF up to the poll interval.
 FIRST_POLL = 0.05
@@ -40,6 +45,11 @@ BACKOFF = 1.5
 # Engine answers worth another try: locked or busy objects, engine trouble.
 RETRY_STATUS = (409, 500, 502, 503, 504)
 RETRIES = 5
+
+# Phases of a transfer nobody has finalized or cancelled yet.
+_TRANSFER_OPEN = frozenset(
+    ("initializing", "transferring", "resuming", "paused_system", "paused_user", "unknown")
+)
 
 
 class EngineError(Exception):
@@ -78,6 +88,13 @@ def engine_url(auth):
         "no engine to connect to: give auth.url or auth.hostname, or set OVIRT_URL or "
         "OVIRT_HOSTNAME in the environment"
     )
+
+
+def _connection_lost(e):
+    """Whether an SDK error is a request sent whose answer never came (the
+    engine or a proxy in front of it went away meanwhile)."""
+    cause = e.__cause__ or e.__context__
+    return isinstance(cause, pycurl.error) and cause.args[0] in LOST_CONNECTION_ERRORS
 
 
 def fault_text(e):
@@ -151,8 +168,15 @@ class Engine:
     def deadline(self, timeout=None):
         return Deadline(self.timeout if timeout is None else timeout, self.poll_interval)
 
-    def call(self, func, *args, what="call the engine", retry=True, **kwargs):
-        """Call an SDK function; retry 409 and 5xx; turn errors into EngineError."""
+    def call(self, func, *args, what="call the engine", retry=True, taken=None, **kwargs):
+        """Call an SDK function and turn its errors into EngineError.
+
+        A call that could not connect never reached the engine: it is sent
+        again, as is one answered 409 or 5xx when retry. An action that may
+        have been carried out although its answer was lost (5xx, connection
+        lost) gives taken(), which reads the state: when it says the action
+        was taken, the call is not sent again.
+        """
         pause = 0.5
         for attempt in range(RETRIES + 1):
             try:
@@ -164,12 +188,30 @@ class Engine:
             except sdk.NotFoundError:
                 raise
             except sdk.Error as e:
-                if retry and getattr(e, "code", None) in RETRY_STATUS and attempt < RETRIES:
+                code = getattr(e, "code", None)
+                unsent = isinstance(e, sdk.ConnectionError)
+                # The engine may have carried the request out.
+                unknown = _connection_lost(e) or (code is not None and code >= 500)
+                again = (
+                    unsent
+                    or (retry and (code in RETRY_STATUS or unknown))
+                    or (taken is not None and unknown)
+                )
+                if again and attempt < RETRIES:
                     time.sleep(pause)
                     pause *= 2
+                    if taken is not None and unknown and self._taken(taken):
+                        return None
                     continue
                 raise EngineError(f"cannot {what}: {self._explain(e)}") from e
         raise AssertionError("unreachable")
+
+    def _taken(self, taken):
+        """Whether taken() says an action went through; unknown is no."""
+        try:
+            return taken()
+        except sdk.Error:
+            return False
 
     def _explain(self, e):
         text = fault_text(e)
@@ -362,6 +404,11 @@ class Engine:
                     f"cannot start the {direction}: the engine removed transfer {transfer.id}"
                 ) from None
 
+    def _phase_left(self, transfer_id, phases):
+        """Whether the transfer is gone or in none of phases."""
+        transfer = self.transfer(transfer_id)
+        return transfer is None or str(transfer.phase) not in phases
+
     def transfer(self, transfer_id):
         service = self.system.image_transfers_service().image_transfer_service(transfer_id)
         try:
@@ -411,7 +458,11 @@ class Engine:
         the engine has removed the disk (disk_id)."""
         service = self.system.image_transfers_service().image_transfer_service(transfer_id)
         with contextlib.suppress(sdk.NotFoundError):
-            self.call(service.cancel, what=f"cancel transfer {transfer_id}")
+            self.call(
+                service.cancel,
+                what=f"cancel transfer {transfer_id}",
+                taken=lambda: self._phase_left(transfer_id, _TRANSFER_OPEN),
+            )
         deadline = self.deadline(timeout)
         while True:
             transfer = self.transfer(transfer_id)
@@ -435,7 +486,11 @@ class Engine:
         if the disk is OK.
         """
         service = self.system.image_transfers_service().image_transfer_service(transfer_id)
-        self.call(service.finalize, what=f"finalize transfer {transfer_id}")
+        self.call(
+            service.finalize,
+            what=f"finalize transfer {transfer_id}",
+            taken=lambda: self._phase_left(transfer_id, _TRANSFER_OPEN),
+        )
         deadline = self.deadline(timeout)
         while True:
             transfer = self.transfer(transfer_id)

@@ -29,6 +29,7 @@ import select
 import socket
 import ssl
 import threading
+import time
 from urllib.parse import urlencode, urlsplit
 
 from ansible_collections.thinair.ovirt.plugins.module_utils import _copy
@@ -76,6 +77,15 @@ DEFAULT_CHECKSUM_ALGORITHM = "blake2b"
 DEFAULT_CHECKSUM_BLOCK_SIZE = 4 * MiB
 
 
+# Requests that lost their connection are sent again, on a new one, until
+# this many seconds have passed since the first failure: long enough for the
+# daemon to restart. The pause between tries grows up to RETRY_MAX_PAUSE.
+RETRY_TIMEOUT = 60.0
+RETRY_FIRST_PAUSE = 0.1
+RETRY_MAX_PAUSE = 2.0
+# How many retried requests the endpoint and its clones remember.
+RETRY_LOG_LIMIT = 20
+
 # Marks "the endpoint's own reply timeout" where None means no limit.
 _ENDPOINT_TIMEOUT = object()
 
@@ -97,6 +107,15 @@ class _ConnectionLost(Exception):
     """The server closed the connection in the middle of a reply."""
 
 
+class _Retryable(Exception):
+    """The request got no answer, or the daemon that came back does not
+    know the ticket yet: sending it again may work."""
+
+    def __init__(self, message, status=None):
+        super().__init__(message)
+        self.status = status
+
+
 class ImageioEndpoint:
     """An imageio ticket as a copy endpoint (see _copy.NbdEndpoint).
 
@@ -110,6 +129,10 @@ class ImageioEndpoint:
     is_zero: the image is known to read as zeros (a new disk), so a copy into
         it may skip zero extents.
     connect_timeout, timeout: seconds to connect, and to wait for each reply.
+    retry_timeout: how long a request that lost its connection (the daemon
+        restarting, a connection reset) is sent again on new connections.
+        Every request is idempotent: a ranged GET or PUT, a zero or a flush
+        of the same range does the same again. ``retries`` tells which were.
     """
 
     def __init__(
@@ -122,6 +145,7 @@ class ImageioEndpoint:
         is_zero=False,
         connect_timeout=10.0,
         timeout=60.0,
+        retry_timeout=RETRY_TIMEOUT,
     ):
         if unix_socket not in UNIX_SOCKET_MODES:
             modes = " or ".join(UNIX_SOCKET_MODES)
@@ -152,6 +176,8 @@ class ImageioEndpoint:
         self.max_connections = options.max_connections
         self._image = _Image()
         self._con_generation = self._image.generation
+        self.retry_timeout = retry_timeout
+        self._retries = _RetryLog()
 
     # Where requests go.
 
@@ -169,6 +195,12 @@ class ImageioEndpoint:
     def local_socket(self):
         """The daemon's local socket when used is "unix", else None."""
         return self._route.unix_socket
+
+    @property
+    def retries(self):
+        """What had to be sent again, by this endpoint and its clones: one
+        line for each request, saying what failed and how it ended."""
+        return self._retries.lines()
 
     @property
     def size(self):
@@ -190,6 +222,8 @@ class ImageioEndpoint:
         clone._unix_socket_mode = self._unix_socket_mode
         clone._route = self._route
         clone._image = self._image
+        clone.retry_timeout = self.retry_timeout
+        clone._retries = self._retries
         clone._zeros = None
         clone._con = None
         clone._con_generation = self._image.generation
@@ -232,7 +266,9 @@ class ImageioEndpoint:
         with memoryview(buf) as outer, outer.cast("B") as view:
             for start in range(0, len(view), self.max_request):
                 chunk = view[start : start + self.max_request]
-                self._call("PUT", *self._put(offset + start, len(chunk), _send_view(chunk)))
+                self._call(
+                    "PUT", *self._put(offset + start, len(chunk), _send_view(chunk)), retry=True
+                )
 
     @property
     def can_write_from_file(self):
@@ -250,7 +286,7 @@ class ImageioEndpoint:
         for start in range(0, length, self.max_request):
             step = min(self.max_request, length - start)
             send = self._send_file(fd, file_offset + start, step)
-            self._call("PUT", *self._put(offset + start, step, send))
+            self._call("PUT", *self._put(offset + start, step, send), retry=True)
 
     def zero(self, offset, length):
         """Make [offset, offset + length) read as zeros."""
@@ -266,19 +302,18 @@ class ImageioEndpoint:
                     "size": step,
                     "flush": FEATURE_FLUSH not in self.features,
                 }
-                self._call("PATCH", *self._patch(msg))
+                self._call("PATCH", *self._patch(msg), retry=True)
             else:
                 step = min(end - offset, self.max_request)
-                self._call("PUT", *self._put(offset, step, self._send_zeros(step)))
+                self._call("PUT", *self._put(offset, step, self._send_zeros(step)), retry=True)
             offset += step
 
     def flush(self):
         """Make what was written durable (no-op on servers that flush every
         request)."""
         if FEATURE_FLUSH in self.features:
-            # Safe to repeat on a new connection: a PUT answered 200 has
-            # reached the backend (qemu-nbd or the file), which outlives a
-            # restart of the daemon.
+            # A PUT answered 200 has reached the backend (qemu-nbd or the
+            # file), which outlives a restart of the daemon.
             self._call("PATCH", *self._patch({"op": "flush"}), retry=True)
 
     def checksum(
@@ -420,40 +455,69 @@ class ImageioEndpoint:
     def _call(self, method, path, request, retry=False, timeout=_ENDPOINT_TIMEOUT):
         """Run request(con) on this endpoint's connection and return its result.
 
-        A connection that died (the daemon restarted or dropped an idle
-        connection) fails the request; with retry, for requests that may be
-        repeated, it is run once more on a new connection. timeout replaces
-        the endpoint's reply timeout for this request (None: no limit).
+        A request whose connection died (the daemon restarted or dropped an
+        idle connection) fails; with retry it is sent again on new
+        connections, at once and then after growing pauses, until
+        retry_timeout has passed. timeout replaces the endpoint's reply
+        timeout for this request (None: no limit).
         """
         if timeout is _ENDPOINT_TIMEOUT:
             timeout = self._route.target.timeout
-        attempts = 2 if retry else 1
-        for attempt in range(attempts):
+        first_error = None
+        started = failures = 0
+        pause = 0.0
+        while True:
             try:
-                if self._con is None:
-                    self._con_generation = self._image.generation
-                    self._con = self._reconnect()
-            except OSError as e:
-                raise Error(
-                    f"{method} {self._where(path)}: cannot connect: {_describe(e)}"
-                ) from None
-            con = self._con
-            _set_read_timeout(con, timeout)
-            try:
-                return request(con)
-            except Error:
-                raise
-            except socket.timeout:
-                self._drop()
-                raise Error(
-                    f"{method} {self._where(path)}: no reply within {timeout:g} s"
-                ) from None
-            except (OSError, http.client.HTTPException, _ConnectionLost) as e:
-                self._drop()
-                if attempt + 1 == attempts:
-                    raise Error(f"{method} {self._where(path)}: {_describe(e)}") from None
-            finally:
-                _set_read_timeout(con, self._route.target.timeout)
+                result = self._try(method, path, request, timeout, first_error is not None)
+            except _Retryable as e:
+                error = f"{method} {self._where(path)}: {e}"
+                now = time.monotonic()
+                if first_error is None:
+                    first_error, started = error, now
+                failures += 1
+                remaining = started + self.retry_timeout - now
+                if not retry or remaining <= 0:
+                    if failures > 1:
+                        error += f" (sent {failures} times in {now - started:.1f} s)"
+                        self._retries.add(f"{first_error}; gave up: {error}")
+                    raise Error(error, status=e.status) from None
+                time.sleep(min(pause, remaining))
+                pause = min(max(pause * 2, RETRY_FIRST_PAUSE), RETRY_MAX_PAUSE)
+                continue
+            if failures:
+                elapsed = time.monotonic() - started
+                self._retries.add(
+                    f"{first_error}; succeeded when sent again "
+                    f"({failures + 1} tries in {elapsed:.1f} s)"
+                )
+            return result
+
+    def _try(self, method, path, request, timeout, retrying):
+        """One try of request(con); _Retryable when another try may work."""
+        try:
+            if self._con is None:
+                self._con_generation = self._image.generation
+                self._con = self._reconnect()
+        except OSError as e:
+            raise _Retryable(f"cannot connect: {_describe(e)}") from None
+        con = self._con
+        _set_read_timeout(con, timeout)
+        try:
+            return request(con)
+        except Error as e:
+            # A daemon that came back gets its tickets again from vdsm a
+            # moment after it listens.
+            if retrying and e.status == http.client.FORBIDDEN:
+                raise _Retryable(str(e).split(": ", 1)[-1], e.status) from None
+            raise
+        except socket.timeout:
+            self._drop()
+            raise Error(f"{method} {self._where(path)}: no reply within {timeout:g} s") from None
+        except (OSError, http.client.HTTPException, _ConnectionLost) as e:
+            self._drop()
+            raise _Retryable(_describe(e)) from None
+        finally:
+            _set_read_timeout(con, self._route.target.timeout)
 
     def _reconnect(self):
         route = self._route
@@ -555,6 +619,27 @@ class ImageioEndpoint:
             return int(found.group(1))
 
         return self._call("GET", path, request, retry=True)
+
+
+class _RetryLog:
+    """The lines about retried requests, shared by an endpoint's clones."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._lines = []
+        self._more = 0
+
+    def add(self, line):
+        with self._lock:
+            if len(self._lines) < RETRY_LOG_LIMIT:
+                self._lines.append(line)
+            else:
+                self._more += 1
+
+    def lines(self):
+        with self._lock:
+            more = [f"and {self._more} more retried requests"] if self._more else []
+            return self._lines + more
 
 
 class _Image:

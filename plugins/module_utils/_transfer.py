@@ -168,6 +168,7 @@ class _Session:
         proxy = endpoint.url == self.transfer.proxy_url
         result["endpoint"] = _imageio.USED_PROXY if proxy else endpoint.used
         result["url"] = endpoint.url
+        result["retries"] = endpoint.retries
         return result
 
     def _abort(self):
@@ -200,6 +201,7 @@ def _open_imageio(transfer, options, is_zero):
         ca_file=options.get("ca_file"),
         insecure=options.get("insecure", False),
         is_zero=is_zero,
+        retry_timeout=options.get("retry_timeout", _imageio.RETRY_TIMEOUT),
     )
 
 

@@ -144,11 +144,13 @@ transfer:
   description:
     - What moved. C(bytes) is the size of the disk. C(endpoint) is C(unix) (imageio's local
       socket), C(host) or C(proxy).
+    - C(retries) names each request to imageio that lost its connection (a daemon restart) and
+      was sent again, and how that ended (see I(retry_timeout)).
   returned: when data was uploaded
   type: dict
   sample: {"bytes": 6442450944, "data_bytes": 1610612736, "zero_bytes": 4831838208,
            "seconds": 7.9, "rate": 815501283, "connections": 4, "endpoint": "host",
-           "url": "https://host1.example.com:54322/images/0d8c..."}
+           "url": "https://host1.example.com:54322/images/0d8c...", "retries": []}
 """
 
 from ansible.module_utils.basic import AnsibleModule

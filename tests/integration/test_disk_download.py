@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -241,13 +242,14 @@ def busy_disk(lab, tmp_path, lab_state):
     return {"image": image, "id": disk_id}
 
 
-def start_slow_download(modules, disk_id, dest, progress):
+def start_slow_download(modules, disk_id, dest, progress, **args):
     join = run_in_background(
         modules,
         modules.download(
-            disk_id=disk_id, dest=str(dest), buffer_size=65536, progress_file=str(progress)
+            disk_id=disk_id, dest=str(dest), buffer_size=65536, progress_file=str(progress),
+            **args,
         ),
-    )
+    )  # fmt: skip
     wait_for(
         lambda: (read_progress(progress) or {}).get("phase") == "downloading",
         what="the download to start",
@@ -256,31 +258,43 @@ def start_slow_download(modules, disk_id, dest, progress):
     return join
 
 
-@pytest.mark.parametrize("outage", ["restart", "stop for a second"])
-def test_imageio_outage_mid_download(
-    modules, lab, lab_state, busy_disk, downloads, tmp_path, outage
+def test_imageio_restart_mid_download(modules, lab, lab_state, busy_disk, downloads, tmp_path):
+    """The host's imageio daemon restarts while data moves. The reads cut off
+    are sent again until it is back, and the download completes."""
+    dest = downloads / "busy.qcow2"
+    progress = tmp_path / "progress.json"
+    join = start_slow_download(modules, busy_disk["id"], dest, progress)
+    lab.hooks.imageio("restart")
+    (result,) = join()
+    ok(result, True)
+    assert result["transfer"]["retries"]
+    lab.hooks.slow_storage(0)
+    assert_same(busy_disk["image"], dest)
+    assert os.listdir(downloads) == ["busy.qcow2"]
+    lab_state.assert_nothing_left(disks={busy_disk["id"]}, imageio_restarted=True)
+
+
+def test_imageio_gone_longer_than_retry_timeout(
+    modules, lab, lab_state, busy_disk, downloads, tmp_path
 ):
-    """The host's imageio daemon goes away while data moves. A read cut off
-    is tried once more at once, which finds nothing listening yet, so the
-    download fails: the transfer is finalized (once the host can end it),
-    dest keeps its old data and no partial file is left."""
+    """The daemon stays away longer than retry_timeout: the download fails,
+    saying how long it tried; the transfer is finalized once the host can end
+    it, dest keeps its old data and no partial file is left."""
     dest = downloads / "busy.qcow2"
     subprocess.run(["qemu-img", "create", "-f", "qcow2", dest, "1M"], check=True)
     before = checksum_file(dest)
     progress = tmp_path / "progress.json"
-    join = start_slow_download(modules, busy_disk["id"], dest, progress)
-    if outage == "restart":
-        lab.hooks.imageio("restart")
-    else:
-        lab.hooks.imageio("stop")
-        try:
-            time.sleep(1)
-        finally:
-            lab.hooks.imageio("start")
+    join = start_slow_download(modules, busy_disk["id"], dest, progress, retry_timeout=2)
+    lab.hooks.imageio("stop")
+    try:
+        time.sleep(4)
+    finally:
+        # Back for the undo: the host ends the transfer.
+        lab.hooks.imageio("start")
     (result,) = join()
     failed(result, "GET https://")
-    # Refused, or reset while the daemon shuts down.
     assert ": cannot connect: " in result["msg"]
+    assert re.search(r"\(sent \d+ times in 2\.\d s\)", result["msg"]), result["msg"]
     assert checksum_file(dest) == before
     assert os.listdir(downloads) == ["busy.qcow2"]
     assert not progress.exists()

@@ -566,39 +566,52 @@ def test_unix_socket(ansible, local_lab, images, tmp_path):
 # Faults.
 
 
-def test_imageio_restart_mid_upload(modules, lab, lab_state, images, tmp_path):
-    """The host's imageio daemon restarts while data moves. A PUT cut off
-    by the restart cannot be told from one that failed, so the upload fails;
-    the transfer is cancelled and the engine removes the new disk."""
+def test_imageio_restarts_mid_transfer(modules, lab, lab_state, tmp_path):
+    """The host's imageio daemon restarts twice while an upload moves data,
+    once while a download does: every request is idempotent, so the cut ones
+    are sent again on new connections and both complete, identical; the
+    results tell what was retried."""
     progress = tmp_path / "progress.json"
     image = make_full_raw(tmp_path / "busy.raw", 64 * MiB, 48 * MiB)
+    dest = tmp_path / "busy.qcow2"
     # Slow storage and small requests keep the copy going for seconds.
     lab.hooks.slow_storage(20)
+
+    def restart_while_copying(phase, times):
+        wait_for(
+            lambda: (read_progress(progress) or {}).get("phase") == phase,
+            what=f"the {phase} to start",
+        )
+        for _ in range(times):
+            time.sleep(0.5)
+            lab.hooks.imageio("restart")
+
     join = run_in_background(
         modules,
         modules.upload(
-            image=image,
-            storage_domain="nfs1",
-            name="restarted",
-            buffer_size=65536,
+            image=image, storage_domain="nfs1", name="restarted", buffer_size=65536,
             progress_file=str(progress),
         ),
+    )  # fmt: skip
+    restart_while_copying("uploading", 2)
+    (up,) = join()
+    ok(up, True)
+    join = run_in_background(
+        modules,
+        modules.download(
+            name="restarted", dest=str(dest), buffer_size=65536, progress_file=str(progress)
+        ),
     )
-    wait_for(
-        lambda: (read_progress(progress) or {}).get("phase") == "uploading",
-        what="the upload to start",
-    )
-    time.sleep(0.3)
-    lab.hooks.imageio("restart")
-    (result,) = join()
-    failed(result, "PUT https://")
-    assert "the server closed the connection" in result["msg"]
-    assert not progress.exists()
-    lab_state.assert_nothing_left(imageio_restarted=True)
-    (transfer,) = lab_state.new_transfers("upload")
-    phases = lab.hooks.states(transfer.id)
-    assert "cancelled_user" in phases
-    assert phases[-1] == "finished_failure"
+    restart_while_copying("downloading", 1)
+    (down,) = join()
+    ok(down, True)
+    lab.hooks.slow_storage(0)
+    assert_same(image, dest)
+    for result in (up, down):
+        assert result["transfer"]["retries"], result["transfer"]
+        for line in result["transfer"]["retries"]:
+            assert "succeeded when sent again" in line, line
+    lab_state.assert_nothing_left(disks={up["disk"]["id"]}, imageio_restarted=True)
 
 
 @pytest.mark.parametrize("direction", ["upload", "download"])
@@ -707,6 +720,34 @@ def test_engine_unavailable_while_polling(modules, lab, lab_state, images, tmp_p
     ok(down, True)
     assert lab.hooks.faults() == []
     assert_same(images["raw"], dest)
+    lab_state.assert_nothing_left(disks={up["disk"]["id"]})
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["refused", "answer lost"])
+def test_engine_fails_finalize(modules, lab, lab_state, images, tmp_path, after):
+    """The engine (or a proxy in front of it) answers 5xx to finalize: before
+    carrying it out, and the module sends it again; or after, and the module
+    reads the transfer's phase and does not send it twice. The upload
+    completes."""
+    lab.hooks.fail(
+        "/ovirt-engine/api/imagetransfers/*/finalize", status=503 if not after else 502,
+        method="POST", count=1 if after else 2, after=after,
+    )  # fmt: skip
+    dest = str(tmp_path / "finalized.qcow2")
+    up, down = modules.run(
+        modules.upload(image=images["qcow2"], storage_domain="nfs1", name="finalized"),
+        modules.download(name="finalized", dest=dest),
+    )
+    ok(up, True)
+    ok(down, True)
+    assert lab.hooks.faults() == []
+    assert_same(images["raw"], dest)
+    (transfer,) = lab_state.new_transfers("upload")
+    assert lab.hooks.states(transfer.id)[-1] == "finished_success"
+    finalize = f"POST /ovirt-engine/api/imagetransfers/{transfer.id}/finalize"
+    with open(os.path.join(lab.dir, "log", "engine.log")) as f:
+        sent = [line for line in f if finalize in line]
+    assert len(sent) == (1 if after else 3), sent
     lab_state.assert_nothing_left(disks={up["disk"]["id"]})
 
 

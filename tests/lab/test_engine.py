@@ -828,6 +828,17 @@ def test_fault_injection(lab, con, before):
     lab.hooks.fail("/ovirt-engine/api/disks*", status=401, method="GET")
     assert isinstance(system(con).disks_service().list(), list)
     assert lab.hooks.faults() == []
+    # The answer lost after the call was carried out: the disk exists.
+    lab.hooks.fail("/ovirt-engine/api/disks", status=502, method="POST", after=True)
+    with pytest.raises(sdk.Error) as e:
+        add_disk(con, "nfs1")
+    assert e.value.code == 502
+    (made,) = [d for d in lab.hooks.state()["disks"] if d["id"] not in {
+        b["id"] for b in before["disks"]}]  # fmt: skip
+    lab.hooks.settled()
+    system(con).disks_service().disk_service(made["id"]).remove()
+    with pytest.raises(Exception, match="use true with a status"):
+        lab.hooks.fail("/ovirt-engine/api/disks", delay=1, after=True)
 
 
 def test_stock_switch(lab):

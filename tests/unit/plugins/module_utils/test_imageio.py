@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import socket
 import subprocess
 import threading
@@ -621,8 +622,8 @@ def test_write_past_end(imageio_lab, make_ticket, length):
 
 @pytest.mark.parametrize("route", ["host", "unix"])
 def test_daemon_restart(imageio_lab, make_ticket, source, route):
-    """Requests that may be repeated survive a restart of the daemon
-    between two requests; a PUT fails and leaves the decision to the caller."""
+    """Every request survives a restart of the daemon between two requests:
+    it is sent again on a new connection."""
     host = host_for(imageio_lab, route)
     ticket = make_ticket(host, IMAGE_SIZE, image=source)
     with endpoint(imageio_lab, ticket) as ep:
@@ -649,15 +650,52 @@ def test_daemon_restart(imageio_lab, make_ticket, source, route):
             clone.close()
 
         host.restart_imageio()
-        with pytest.raises(_imageio.Error) as e:
-            ep.write(0, b"\x99" * MiB)
-        assert e.value.status is None
-        assert str(e.value).startswith(f"PUT {ticket.transfer_url}?flush=n")
-        # The caller may go on: the next request opens a new connection.
         ep.write(0, b"\x99" * MiB)
+        host.restart_imageio()
+        ep.zero(MiB, MiB)
         ep.flush()
         ep.readinto(0, buf)
-    assert buf == b"\x99" * MiB
+        assert buf == b"\x99" * MiB
+        ep.readinto(MiB, buf)
+        assert buf == bytes(MiB)
+
+
+@pytest.mark.parametrize("route", ["host", "unix"])
+def test_daemon_down_for_a_while(imageio_lab, make_ticket, source, route):
+    """A request made while the daemon is down is sent again until it comes
+    back, and the retry is told; one that outlasts retry_timeout fails,
+    saying how often it was sent."""
+    host = host_for(imageio_lab, route)
+    ticket = make_ticket(host, IMAGE_SIZE, image=source)
+    with endpoint(imageio_lab, ticket, retry_timeout=30) as ep:
+        buf = bytearray(MiB)
+        ep.readinto(0, buf)
+        host.stop_imageio()
+        starter = threading.Timer(1.5, host.start_imageio)
+        starter.start()
+        try:
+            start = time.monotonic()
+            ep.write(0, b"\x42" * MiB)
+            assert time.monotonic() - start >= 1.5
+        finally:
+            starter.join()
+        ep.readinto(0, buf)
+        assert buf == b"\x42" * MiB
+        (line,) = ep.retries
+        assert line.startswith(f"PUT {ticket.transfer_url}?flush=n")
+        assert "succeeded when sent again" in line
+
+        ep.retry_timeout = 1
+        host.stop_imageio()
+        try:
+            with pytest.raises(_imageio.Error) as e:
+                ep.readinto(0, buf)
+        finally:
+            host.start_imageio()
+        assert e.value.status is None
+        assert "cannot connect" in str(e.value)
+        assert re.search(r"\(sent \d+ times in 1\.\d s\)$", str(e.value)), str(e.value)
+        assert len(ep.retries) == 2 and "gave up" in ep.retries[1]
 
 
 def test_reply_timeout(imageio_lab, make_ticket, source):
