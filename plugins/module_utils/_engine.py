@@ -159,7 +159,11 @@ class Engine:
         )
         self._owns_token = not auth.get("token")
         self.system = self.connection.system_service()
+        # An engine that cannot be reached at first is more likely a wrong
+        # URL than a restart: no waiting for it before it answered once.
+        self._answered = False
         self.call(self.connection.test, raise_exception=True, what="connect to the engine")
+        self._answered = True
 
     def close(self):
         with contextlib.suppress(sdk.Error):
@@ -171,8 +175,8 @@ class Engine:
     def call(self, func, *args, what="call the engine", retry=True, taken=None, **kwargs):
         """Call an SDK function and turn its errors into EngineError.
 
-        A call that could not connect never reached the engine: it is sent
-        again, as is one answered 409 or 5xx when retry. An action that may
+        A call that could not connect (once the engine has answered) never
+        reached it: it is sent again, as is one answered 409 or 5xx when retry. An action that may
         have been carried out although its answer was lost (5xx, connection
         lost) gives taken(), which reads the state: when it says the action
         was taken, the call is not sent again.
@@ -189,7 +193,7 @@ class Engine:
                 raise
             except sdk.Error as e:
                 code = getattr(e, "code", None)
-                unsent = isinstance(e, sdk.ConnectionError)
+                unsent = isinstance(e, sdk.ConnectionError) and self._answered
                 # The engine may have carried the request out.
                 unknown = _connection_lost(e) or (code is not None and code >= 500)
                 again = (

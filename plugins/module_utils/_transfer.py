@@ -478,9 +478,12 @@ def download(engine, options, progress, check_mode=False):
             progress.set_phase("finalizing")
         os.chmod(tmp, 0o644)
         os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, FAILURES) and tmp in str(e):
+            # The user knows the file by its name, not by the temporary one.
+            raise TransferError(str(e).replace(tmp, dest)) from e
         raise
     result["transfer"] = session.result(stats)
     progress.set_phase("done")

@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 
+from tests.integration import errors
 from tests.integration.transfers import auth_of
 
 MiB = 1024**2
@@ -80,11 +81,11 @@ def test_stock_engine_ignores_external_disk(lab, ansible, export):
     "args, words",
     [
         ({"storage_domain": "nowhere", "size": "64MiB"}, "storage domain 'nowhere' not found"),
-        ({"storage_domain": "nfs1", "size": "64 parsecs"}, "invalid size '64 parsecs'"),
+        ({"storage_domain": "nfs1", "size": "64 parsecs"}, errors.message("disk", "invalid size")),
         ({"size": "64MiB"}, "storage_domain is missing"),
         (
             {"storage_domain": "scratch", "size": "64MiB", "external_disk": "nbd:unix:/nowhere"},
-            "Cannot read the external disk nbd:unix:/nowhere",
+            errors.message("disk", "unreadable external disk"),
         ),
         (
             {"storage_domain": "iscsi1", "size": "64MiB", "format": "raw"},
@@ -130,8 +131,8 @@ def test_auth_from_the_environment_alone(lab, ansible):
 @pytest.mark.parametrize(
     "env, words",
     [
-        ({}, "give auth.url or auth.hostname, or set OVIRT_URL or OVIRT_HOSTNAME"),
-        ({"OVIRT_HOSTNAME": "engine.invalid"}, "give auth.username and auth.password"),
+        ({}, errors.message("disk", "no engine URL anywhere")),
+        ({"OVIRT_HOSTNAME": "engine.invalid"}, errors.message("disk", "no credentials anywhere")),
     ],
 )
 def test_no_engine_or_credentials_anywhere(ansible, env, words):

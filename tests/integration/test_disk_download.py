@@ -23,6 +23,7 @@ import time
 
 import pytest
 
+from tests.integration import errors
 from tests.integration.transfers import (
     LabState,
     MiB,
@@ -293,7 +294,9 @@ def test_imageio_gone_longer_than_retry_timeout(
         lab.hooks.imageio("start")
     (result,) = join()
     failed(result, "GET https://")
-    assert ": cannot connect: " in result["msg"]
+    assert (
+        errors.message("disk_download", "imageio gone longer than retry_timeout") in result["msg"]
+    )
     assert re.search(r"\(sent \d+ times in 2\.\d s\)", result["msg"]), result["msg"]
     assert checksum_file(dest) == before
     assert os.listdir(downloads) == ["busy.qcow2"]
@@ -315,41 +318,48 @@ def test_engine_unavailable_while_polling(modules, lab, lab_state, sources, down
 
 # Bad input: a clear message, and nothing left behind.
 
+# The changes to a good download that make each case of errors.ERRORS.
 BAD_DOWNLOADS = {
-    "unknown disk name": ({"name": "no-such-disk"}, "disk no-such-disk not found"),
-    "unknown disk id": (
-        {"disk_id": "3d0f5c62-3a4b-4d0f-9a4e-000000000000"},
-        "disk 3d0f5c62-3a4b-4d0f-9a4e-000000000000 not found",
-    ),
-    "missing directory": (
-        {"dest": "DOWNLOADS/missing/disk.qcow2"},
-        "cannot write DOWNLOADS/missing/disk.qcow2: directory DOWNLOADS/missing does not exist",
-    ),
-    "dest is a directory": (
-        {"dest": "DOWNLOADS"},
-        "cannot write DOWNLOADS: it is a directory",
-    ),
-    "wrong password": (
-        {"auth": {"password": "not-the-password"}},
-        "cannot connect to the engine: authentication failed at https://localhost:",
-    ),
-    "untrusted CA": ({"auth": {"ca_file": "OTHER_CA"}}, "is not trusted"),
-    "no disk": ({"name": None}, "one of the following is required: disk_id, name"),
+    "unknown disk": {"name": "no-such-disk"},
+    "destination in a missing directory": {"dest": "DOWNLOADS/missing/disk.qcow2"},
+    "destination is a directory": {"dest": "DOWNLOADS"},
+    "no disk given": {"name": None},
 }
 
 
-def test_bad_download(modules, lab, lab_state, downloads, other_ca):
+def test_bad_download(modules, lab, lab_state, downloads):
     def fill(value):
         if not isinstance(value, str):
             return value
-        return value.replace("OTHER_CA", other_ca).replace("DOWNLOADS", str(downloads))
+        return value.replace("DOWNLOADS", str(downloads))
 
     tasks = []
+    cases = {}
     good = {"name": "dl-file", "dest": str(downloads / "disk.qcow2")}
-    for changes, _message in BAD_DOWNLOADS.values():
+    for case, changes in BAD_DOWNLOADS.items():
         args = with_changes(good, changes, fill, modules.auth)
         tasks += [dict(modules.download(**args), check_mode=True), modules.download(**args)]
+        cases[case] = (changes, errors.message("disk_download", case))
     results = modules.run(*tasks)
-    assert_cases_failed(BAD_DOWNLOADS, results, fill)
+    assert_cases_failed(cases, results, fill)
     assert os.listdir(downloads) == []
+    lab_state.assert_nothing_left()
+
+
+def test_full_file_system(modules, lab, lab_state, sources, downloads):
+    """The destination's file system fills up: the download fails, its
+    transfer is finalized and its partial file removed; the disk is as it was."""
+    full = downloads / "full"
+    full.mkdir()
+    # 1 MiB of room for a disk holding 1.6 MiB of data.
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(full)], check=True)
+    try:
+        result = modules.run_one(
+            modules.download(name="dl-file", dest=str(full / "disk.qcow2"), format="raw")
+        )
+        assert os.listdir(full) == []
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
+    message = errors.message("disk_download", "full file system")
+    failed(result, message.replace("DOWNLOADS", str(downloads)))
     lab_state.assert_nothing_left()

@@ -35,6 +35,7 @@ from ovirtsdk4 import types
 from lab.lab import Hooks, Lab
 from lab.pki import Pki
 from tests.helpers import running
+from tests.integration import errors
 from tests.integration.transfers import (
     IMAGE_SIZE,
     LabState,
@@ -582,7 +583,7 @@ def test_imageio_restarts_mid_transfer(modules, lab, lab_state, tmp_path):
             lambda: (read_progress(progress) or {}).get("phase") == phase,
             what=f"the {phase} to start",
         )
-        for _ in range(times):
+        for _restart in range(times):
             time.sleep(0.5)
             lab.hooks.imageio("restart")
 
@@ -701,7 +702,7 @@ def test_timeout_bounds_the_copy(modules, lab, lab_state, tmp_path):
             image=image, storage_domain="nfs1", name="too-slow", buffer_size=65536, timeout=4
         )
     )
-    failed(result, "gave up after the timeout of 4 s")
+    failed(result, errors.message("disk_upload", "copy slower than the timeout"))
     lab_state.assert_nothing_left()
     (transfer,) = lab_state.new_transfers("upload")
     assert "cancelled_user" in lab.hooks.states(transfer.id)
@@ -765,6 +766,10 @@ def test_block_volume_too_small_existing_disk(modules, lab, lab_state, tmp_path)
         "500 Internal Server Error",
     )
     assert (
+        errors.message("disk_upload", "full block volume").replace("DISK_ID", disk_id)
+        in result["msg"]
+    )
+    assert (
         f"imageio answers so when the volume is full: disk small-lv ({disk_id}) is a sparse "
         f"qcow2 disk on block storage domain iscsi1, whose volume has room for "
         f"{volume['lv_size']} bytes and does not grow during an upload, but the image needs up "
@@ -818,56 +823,56 @@ def corrupt_qcow2(images, tmp_path):
     return str(path)
 
 
+# The changes to a good upload that make each case of errors.ERRORS.
 BAD_UPLOADS = {
-    "wrong password": (
-        {"auth": {"password": "not-the-password"}},
-        "cannot connect to the engine: authentication failed at https://localhost:",
-    ),
-    "untrusted CA": (
-        {"auth": {"ca_file": "OTHER_CA"}},
-        "is not trusted",
-    ),
-    "unknown storage domain": (
-        {"storage_domain": "nfs9"},
-        "storage domain 'nfs9' not found; the engine has: iscsi1, nfs1, scratch",
-    ),
-    "missing file": (
-        {"image": "TMP/missing.qcow2"},
-        "cannot read image 'TMP/missing.qcow2': no such file",
-    ),
-    "directory": ({"image": "TMP"}, "cannot read image 'TMP': it is a directory"),
-    "corrupt qcow2": (
-        {"image": "CORRUPT"},
-        "image 'CORRUPT' is corrupt: qemu-img check found",
-    ),
-    "no storage domain": (
-        {"storage_domain": None},
-        "disk bad-input does not exist; give storage_domain to create it",
-    ),
-    "raw sparse on block storage": (
-        {"storage_domain": "iscsi1", "format": "raw"},
-        "storage domain iscsi1 is block storage (iscsi), which has no raw sparse disks",
-    ),
+    "missing image": {"image": "TMP/missing.qcow2"},
+    "a directory as the image": {"image": "TMP"},
+    "corrupt qcow2": {"image": "CORRUPT"},
+    "qcow2 whose backing file is missing": {"image": "TMP/no-backing.qcow2"},
+    "unknown storage domain": {"storage_domain": "nfs9"},
+    "no storage domain for a new disk": {"storage_domain": None},
+    "raw sparse disk on a block domain": {"storage_domain": "iscsi1", "format": "raw"},
+    "wrong password": {"auth": {"password": "not-the-password"}},
+    "CA that did not sign the engine's certificate": {"auth": {"ca_file": "OTHER_CA"}},
+    "missing CA file": {"auth": {"ca_file": "TMP/no-ca.pem"}},
+    "unreachable engine": {"auth": {"url": "https://127.0.0.1:1/ovirt-engine/api"}},
+    "unreachable NBD URL": {"image": "nbd://127.0.0.1:1/disk"},
+    "wrong NBD export name": {"image": "nbd+unix:///wrong?socket=EXPORT_SOCKET"},
 }
 
 
-def test_bad_upload(modules, lab, lab_state, images, tmp_path, other_ca, corrupt_qcow2):
+def test_bad_upload(modules, lab, lab_state, images, tmp_path, other_ca, corrupt_qcow2, export):
     """Each case in check mode and for real, in one playbook."""
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", str(tmp_path / "gone.raw"),
+         "-F", "raw", str(tmp_path / "no-backing.qcow2"), "64M"],
+        check=True,
+    )  # fmt: skip
+    socket_path = export[1].split(":", 2)[2]
+    # The export is the test's, not something an upload left.
+    lab_state.keep_pids.update(e.pid for e in local_exports(tmp_path))
 
     def fill(value):
         if not isinstance(value, str):
             return value
-        for key, real in (("OTHER_CA", other_ca), ("CORRUPT", corrupt_qcow2), ("TMP", tmp_path)):
+        for key, real in (
+            ("OTHER_CA", other_ca),
+            ("CORRUPT", corrupt_qcow2),
+            ("TMP", tmp_path),
+            ("EXPORT_SOCKET", socket_path),
+        ):
             value = value.replace(key, str(real))
         return value
 
     tasks = []
+    cases = {}
     good = {"image": images["qcow2"], "storage_domain": "nfs1", "name": "bad-input"}
-    for changes, _message in BAD_UPLOADS.values():
+    for case, changes in BAD_UPLOADS.items():
         args = with_changes(good, changes, fill, modules.auth)
         tasks += [dict(modules.upload(**args), check_mode=True), modules.upload(**args)]
+        cases[case] = (changes, errors.message("disk_upload", case))
     results = modules.run(*tasks)
-    assert_cases_failed(BAD_UPLOADS, results, fill)
+    assert_cases_failed(cases, results, fill)
     lab_state.assert_nothing_left()
 
 
@@ -876,8 +881,42 @@ def test_image_larger_than_existing_disk(modules, lab, lab_state, images, tmp_pa
     before = lab.hooks.checksum(disk_id)
     failed(
         modules.run_one(modules.upload(image=images["qcow2"], name="too-small")),
-        f"the image is {IMAGE_SIZE} bytes but disk too-small ({disk_id}) holds only "
-        f"{16 * MiB} bytes; extend the disk or upload to a new one",
+        errors.message("disk_upload", "image larger than the existing disk").replace(
+            "DISK_ID", disk_id
+        ),
     )
+    assert lab.hooks.checksum(disk_id) == before
+    lab_state.assert_nothing_left(disks={disk_id})
+
+
+def test_disk_locked_by_another_transfer(modules, lab, lab_state, images, tmp_path):
+    """Another client's transfer holds the disk: the upload is refused, the
+    other transfer goes on, and the disk keeps what it had."""
+    disk_id = create_disk(lab, "held", IMAGE_SIZE, "nfs1")
+    before = lab.hooks.checksum(disk_id)
+    with contextlib.closing(lab.connection()) as con:
+        transfers = con.system_service().image_transfers_service()
+        other = transfers.add(
+            types.ImageTransfer(
+                disk=types.Disk(id=disk_id), direction=types.ImageTransferDirection.UPLOAD
+            )
+        )
+        try:
+            result = modules.run_one(
+                modules.upload(image=images["qcow2"], disk_id=disk_id, force=True)
+            )
+            assert transfers.image_transfer_service(other.id).get().phase in (
+                types.ImageTransferPhase.INITIALIZING,
+                types.ImageTransferPhase.TRANSFERRING,
+            )
+        finally:
+            transfers.image_transfer_service(other.id).finalize()
+    failed(
+        result,
+        errors.message("disk_upload", "disk locked by another transfer").replace(
+            "DISK_ID", disk_id
+        ),
+    )
+    lab.hooks.settled()
     assert lab.hooks.checksum(disk_id) == before
     lab_state.assert_nothing_left(disks={disk_id})
