@@ -78,6 +78,7 @@ class Progress:
             return
         self._written = now
         tmp = f"{self.path}.tmp"
-        with open(tmp, "w") as f:
+        # Private to the user, as every file the collection keeps state in.
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             json.dump(self.record(), f)
         os.replace(tmp, self.path)

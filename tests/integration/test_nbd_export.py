@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 
@@ -67,9 +68,20 @@ def no_export_left(tmp_path):
 @pytest.fixture
 def pki(tmp_path):
     ca = Pki(str(tmp_path / "ca"))
+    other = Pki(str(tmp_path / "other-ca"))
+    client = ca.qemu_dir("client", str(tmp_path / "tls-client"))
+    # A client with the CA but no certificate of its own.
+    anonymous = tmp_path / "tls-anonymous"
+    anonymous.mkdir()
+    shutil.copy(os.path.join(client, "ca-cert.pem"), anonymous / "ca-cert.pem")
+    # A client whose certificate another CA signed.
+    stranger = other.qemu_dir("client", str(tmp_path / "tls-stranger"))
+    shutil.copy(os.path.join(client, "ca-cert.pem"), os.path.join(stranger, "ca-cert.pem"))
     return {
         "server": ca.qemu_dir("server", str(tmp_path / "tls-server")),
-        "client": ca.qemu_dir("client", str(tmp_path / "tls-client")),
+        "client": client,
+        "anonymous": str(anonymous),
+        "stranger": stranger,
     }
 
 
@@ -190,8 +202,11 @@ def test_tls(ansible, images, pki):
     assert export["url"] == f"nbds://127.0.0.1:{port}/"
     assert run(ansible, **args)["changed"] is False
 
+    def client(directory):
+        return [f"--object=tls-creds-x509,id=tls0,dir={directory},endpoint=client"]
+
     # qemu's own client, with the client certificate.
-    objects = [f"--object=tls-creds-x509,id=tls0,dir={pki['client']},endpoint=client"]
+    objects = client(pki["client"])
     image = "json:" + json.dumps(
         {
             "driver": "raw",
@@ -208,10 +223,15 @@ def test_tls(ansible, images, pki):
     assert json.loads(info.stdout)["virtual-size"] == SIZE
     assert_identical(images["raw"], image, objects=objects)
 
-    # A client without TLS is turned away.
+    # A client without TLS is turned away, and so is one without a
+    # certificate, or with one the CA did not sign.
     plain = qemu_img("info", f"nbd://127.0.0.1:{port}/")
     assert plain.returncode == 1
     assert "TLS negotiation required" in plain.stderr
+    for who in ("anonymous", "stranger"):
+        refused = qemu_img("info", *client(pki[who]), image)
+        assert refused.returncode == 1, who
+        assert "TLS" in refused.stderr or "certificate" in refused.stderr, refused.stderr
 
     # Dropping TLS is a change of settings: the export restarts without it.
     args.pop("tls_certs")

@@ -322,6 +322,50 @@ def test_upload_then_download_two_disks(playbooks, lab, lab_state, images, tmp_p
     assert_nothing_left(playbooks, lab_state, tmp_path)
 
 
+def test_no_secret_at_any_verbosity(playbooks, lab, lab_state, images, tmp_path):
+    """An upload and a download through the roles at -vvvv, with a log file:
+    the password is in no output, log or file the run leaves, and no record
+    of a background job is left."""
+    name = unique("roles-secret")
+    log = tmp_path / "ansible.log"
+    async_dir = tmp_path / "async"
+    env = {
+        "ANSIBLE_VERBOSITY": "4",
+        "ANSIBLE_LOG_PATH": str(log),
+        "ANSIBLE_ASYNC_DIR": str(async_dir),
+        "ANSIBLE_KEEP_REMOTE_FILES": "0",
+    }
+    up = playbooks.run(
+        "upload_disk.yml",
+        {
+            "upload_disk_auth": playbooks.auth,
+            "upload_disk_disks": [
+                {"image": images["a"], "name": name, "storage_domain": lab.file_domain}
+            ],
+        },
+        env,
+    )
+    assert up.rc == 0, up.output
+    down = playbooks.run(
+        "download_disk.yml",
+        {
+            "download_disk_auth": playbooks.auth,
+            "download_disk_disks": [{"name": name, "dest": str(tmp_path / "back.qcow2")}],
+        },
+        env,
+    )
+    assert down.rc == 0, down.output
+    password = lab.password
+    assert password not in up.output and password not in down.output
+    assert log.exists() and password not in log.read_text()
+    # The roles clean up their background jobs' records.
+    assert [p for p in async_dir.rglob("*") if p.is_file()] == []
+    # The test's own extra vars hold the password, as a user's vault would.
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and path.name != "extra-vars.json":
+            assert password.encode() not in path.read_bytes(), path
+
+
 def test_one_bad_upload_fails_the_role(playbooks, lab, lab_state, images, tmp_path):
     good, bad = unique("roles-good"), unique("roles-bad")
     uploads = [
