@@ -951,15 +951,30 @@ def _cmdline(pid):
     return [os.fsdecode(a) for a in raw.split(b"\0")[:-1]]
 
 
+def _stat(path):
+    """The fields of a /proc stat file after the command name, from the
+    state on (proc(5)); None when the process or thread is gone."""
+    try:
+        with open(path) as f:
+            # "pid (comm) state ppid pgrp session ..."; comm may hold spaces.
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def process_start(pid):
+    """When the process started, in clock ticks since boot (None when it is
+    gone): with the pid, it names one process, as pids are reused."""
+    fields = _stat(f"/proc/{pid}/stat")
+    if fields is None or fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
 def _is_session_leader(pid):
     """Whether pid leads its session, as a daemonized qemu-nbd --fork does."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            # "pid (comm) state ppid pgrp session ..."; comm may hold spaces.
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return False
-    return int(fields[3]) == pid
+    fields = _stat(f"/proc/{pid}/stat")
+    return fields is not None and int(fields[3]) == pid
 
 
 def _is_gone(pid):
@@ -974,12 +989,8 @@ def _is_gone(pid):
     except OSError:
         return True
     for task in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{task}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state not in ("Z", "X"):
+        fields = _stat(f"/proc/{pid}/task/{task}/stat")
+        if fields is not None and fields[0] not in ("Z", "X"):
             return False
     return True
 

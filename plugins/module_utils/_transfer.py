@@ -27,6 +27,7 @@ from ansible_collections.thinair.ovirt.plugins.module_utils import (
     _progress,
     _qemu,
     _signals,
+    _stale,
 )
 
 MiB = 1024**2
@@ -83,7 +84,10 @@ def run_module(module, action, description):
             )
             if params["transfer_host"]:
                 options["host_id"] = engine.host_by_name(params["transfer_host"]).id
+            stale = [] if module.check_mode else _stale.end_stale(engine)
             result = action(engine, options, progress, check_mode=module.check_mode)
+            if stale:
+                result["stale_transfers"] = stale
         except _signals.Stopped as e:
             module.fail_json(msg=f"{e}; what the module had started was undone")
         except FAILURES as e:
@@ -144,7 +148,9 @@ class _Session:
             host_id=options.get("host_id"),
             keep_disk=keep_disk,
         )
+        self.record = _stale.Record(engine.url, self.transfer.id, disk_id, direction, keep_disk)
         try:
+            self.record.save()
             self.endpoint = _open_imageio(self.transfer, options, is_zero)
         except BaseException as e:
             _undo(e, self._abort)
@@ -157,6 +163,7 @@ class _Session:
         self.endpoint.close()
         if exc is None:
             self.engine.finalize_transfer(self.transfer.id, self.disk_id, direction=self.direction)
+            self.record.remove()
         else:
             _undo(exc, self._abort)
 
@@ -175,6 +182,7 @@ class _Session:
         self.engine.undo_transfer(
             self.transfer.id, self.direction, self.disk_id, keep_disk=self.keep_disk
         )
+        self.record.remove()
 
 
 def _undo(error, undo):

@@ -100,6 +100,15 @@ disk:
   sample: {"id": "5c3bbe8e-6f2c-4b57-8b2e-3a1bd34f5fd7", "name": "db1-data", "format": "cow",
            "sparse": true, "provisioned_size": 6442450944, "actual_size": 1631584256,
            "status": "ok", "storage_domain": "iscsi1"}
+stale_transfers:
+  description:
+    - Transfers a module killed without warning (SIGKILL, a reboot) had left open on this node
+      for the same engine, ended before this one started; one line each.
+  returned: when there were any
+  type: list
+  elements: str
+  sample: ["cancelled transfer 0d8c... of disk 5c3b..., left open by process 4242; the engine
+            removed the new disk"]
 transfer:
   description:
     - What moved. C(endpoint) is C(unix) (imageio's local socket), C(host) or C(proxy).

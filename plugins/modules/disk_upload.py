@@ -140,6 +140,15 @@ disk:
            "sparse": true, "provisioned_size": 6442450944, "actual_size": 1631584256,
            "content_type": "data", "backup": "incremental", "status": "ok",
            "storage_domain": "iscsi1", "description": "Uploaded by thinair.ovirt"}
+stale_transfers:
+  description:
+    - Transfers a module killed without warning (SIGKILL, a reboot) had left open on this node
+      for the same engine, ended before this one started; one line each.
+  returned: when there were any
+  type: list
+  elements: str
+  sample: ["cancelled transfer 0d8c... of disk 5c3b..., left open by process 4242; the engine
+            removed the new disk"]
 transfer:
   description:
     - What moved. C(bytes) is the size of the disk. C(endpoint) is C(unix) (imageio's local

@@ -18,6 +18,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -675,6 +676,55 @@ def test_stopped_by_a_signal(modules, lab, lab_state, tmp_path, direction, signo
         assert phases[-1] == "finished_failure"
     else:
         assert phases[-1] == "finished_success"
+
+
+def test_killed_module_is_cleaned_up_by_the_next_run(modules, lab, lab_state, tmp_path):
+    """SIGKILL cannot be caught: the upload's transfer stays open and its
+    new disk locked. The next transfer module run on the node ends it first,
+    as the killed module would have, and says so."""
+    image = make_full_raw(tmp_path / "killed.raw", 64 * MiB, 48 * MiB)
+    progress = tmp_path / "progress.json"
+    lab.hooks.slow_storage(20)
+    playbook = modules.ansible.start(
+        [
+            modules.upload(
+                image=image, storage_domain="nfs1", name="killed", buffer_size=65536,
+                progress_file=str(progress),
+            )
+        ]
+    )  # fmt: skip
+    try:
+        wait_for(
+            lambda: (read_progress(progress) or {}).get("phase") == "uploading",
+            what="the upload to start",
+        )
+        for pid in modules_running():
+            os.kill(pid, signal.SIGKILL)
+        os.killpg(playbook.pid, signal.SIGKILL)
+    finally:
+        playbook.wait()
+    lab.hooks.slow_storage(0)
+    wait_for(lambda: not modules_running(), what="the module to be gone")
+    (left,) = [d for d in lab.hooks.state()["disks"] if d["alias"] == "killed"]
+    assert left["status"] == "locked"
+    (transfer,) = lab_state.new_transfers("upload")
+    assert str(transfer.phase) == "transferring"
+
+    # Any transfer module run next; here, the same upload again.
+    result = ok(
+        modules.run_one(modules.upload(image=image, storage_domain="nfs1", name="killed")), True
+    )
+    (line,) = result["stale_transfers"]
+    assert line.startswith(f"cancelled transfer {transfer.id} of disk {left['id']}, left open by")
+    assert line.endswith("; the engine removed the new disk")
+    assert "cancelled_user" in lab.hooks.states(transfer.id)
+    assert result["disk"]["id"] != left["id"]
+    progress.unlink(missing_ok=True)
+    # Ansible's own copy of the killed module is all that stays in TMPDIR.
+    (payload,) = os.listdir(tmp_path / "node-tmp")
+    assert payload.startswith("ansible_thinair.ovirt.disk_upload_payload_")
+    shutil.rmtree(tmp_path / "node-tmp" / payload)
+    lab_state.assert_nothing_left(disks={result["disk"]["id"]})
 
 
 def modules_running():

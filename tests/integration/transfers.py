@@ -71,6 +71,8 @@ class Modules:
         self.tmpdir = tmp_path / "node-tmp"
         self.tmpdir.mkdir(exist_ok=True)
         ansible.env["TMPDIR"] = str(self.tmpdir)
+        # Where the modules keep their records of open transfers.
+        ansible.env["XDG_STATE_HOME"] = str(tmp_path / "node-state")
 
     def upload(self, **args):
         return self._task("thinair.ovirt.disk_upload", args)
@@ -150,6 +152,8 @@ class LabState:
             assert sorted(state["processes"]) == self.processes
         assert local_exports(self.tmp_path, self.keep_pids) == []
         assert os.listdir(self.tmp_path / "node-tmp") == []
+        records = self.tmp_path / "node-state" / "thinair.ovirt" / "transfers"
+        assert not records.exists() or os.listdir(records) == []
 
     def remove_new_disks(self):
         state = self.lab.hooks.settled()
