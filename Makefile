@@ -82,6 +82,7 @@ bench: setup
 	$(PY) bench/run.py transfer --host-address 127.0.0.1
 	$(PY) bench/run.py vm
 	$(PY) bench/run.py import
+	$(PY) bench/run.py load
 
 clean:
 	rm -rf $(VENV) .collections .cache

@@ -3,7 +3,7 @@
 
 """Benchmarks, each against its reference measured in the same run.
 
-    .venv/bin/python bench/run.py copy|transfer|vm|import [--dir DIR] [--rounds N]
+    .venv/bin/python bench/run.py copy|transfer|vm|import|load [--dir DIR] [--rounds N]
 
 copy: a local image into a new local qcow2 through the streaming core
 against `qemu-img convert` of the same image: (a) 6 GiB with 1.5 GiB of
@@ -27,6 +27,10 @@ import: on a lab, import_vm.yml's start to a running VM for 1 GiB and 16 GiB
 disks, external and copied, and a whole import of four VMs against one
 (bench/imports.py).
 
+load: on a lab, one upload through the upload_disk role against eight at
+once and twenty small ones at once, with the client side's peak memory
+(bench/loads.py).
+
 Prints wall time, CPU seconds (user+sys, child processes included), peak
 RSS and the ratios, as tables ready for the README.
 """
@@ -43,6 +47,7 @@ import time
 from functools import partial
 
 from imports import import_suite, print_import_tables
+from loads import load_suite, print_load_table
 from vms import print_vm_tables, vm_suite
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -68,7 +73,7 @@ def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("suite", choices=["copy", "transfer", "vm", "import"])
+    parser.add_argument("suite", choices=["copy", "transfer", "vm", "import", "load"])
     parser.add_argument("--dir", default=os.path.join(ROOT, ".cache", "bench"))
     parser.add_argument("--rounds", type=int, default=2, help="best of N runs of each command")
     parser.add_argument(
@@ -85,6 +90,9 @@ def main():
     elif args.suite == "import":
         rows = import_suite(args.dir, args.rounds)
         print_import_tables(rows)
+    elif args.suite == "load":
+        rows = load_suite(args.dir)
+        print_load_table(rows)
     elif args.suite == "copy":
         rows = copy_suite(args.dir, args.rounds)
         print_table(rows, "qemu-img")

@@ -110,6 +110,18 @@ options:
     type: str
     choices: [auto, always, never]
     default: auto
+  heartbeat_file:
+    description:
+      - A file the caller touches while it follows the module run in the background (C(async)),
+        as the C(upload_disk) and C(download_disk) roles do. Once touched after the module
+        started, if it is not touched for I(heartbeat_timeout) seconds the module stops and undoes
+        its work, as on SIGTERM: the playbook that followed it has stopped.
+    type: path
+  heartbeat_timeout:
+    description:
+      - Seconds without a touch of I(heartbeat_file) after which the module stops.
+    type: int
+    default: 30
   retry_timeout:
     description:
       - Seconds a request to imageio that lost its connection (the daemon restarting, a reset

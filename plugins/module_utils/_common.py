@@ -50,6 +50,8 @@ TRANSFER_OPTIONS = {
         "default": "cancel",
     },
     "progress_file": {"type": "path"},
+    "heartbeat_file": {"type": "path"},
+    "heartbeat_timeout": {"type": "int", "default": 30},
 }
 
 

@@ -402,9 +402,14 @@ def _send(session, image, facts, options, progress, full_volume=None):
 
 def _copy_data(src, dst, options, progress):
     deadline = options.get("deadline")
+    heartbeat = None
+    if options.get("heartbeat_file"):
+        heartbeat = _signals.Heartbeat(options["heartbeat_file"], options["heartbeat_timeout"])
 
     def update(stats):
         progress.update(stats)
+        if heartbeat is not None:
+            heartbeat.check()
         if deadline is not None and deadline.expired():
             raise TransferError(
                 f"gave up after the timeout of {options['timeout']} s with {stats.done} of "

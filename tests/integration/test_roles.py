@@ -17,13 +17,15 @@ import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
 
-from tests.helpers import qemu_io
+from tests.helpers import qemu_io, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
@@ -110,10 +112,21 @@ class Playbooks:
         variables["download_disk_auth"] = self.auth
         return self.run("download_disk.yml", dict(variables, download_disk_disks=disks))
 
-    def run(self, playbook, variables, env=None):
+    def start(self, playbook, variables):
+        """Start a playbook in a session of its own; the process."""
+        return subprocess.Popen(
+            self._command(playbook, variables),
+            cwd=ROOT,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def _command(self, playbook, variables):
         extra_vars = self.ansible.tmp_path / "extra-vars.json"
         extra_vars.write_text(json.dumps(variables))
-        cmd = [
+        return [
             os.path.join(BIN, "ansible-playbook"),
             "-i",
             self.ansible.inventory,
@@ -121,6 +134,9 @@ class Playbooks:
             "-e",
             f"@{extra_vars}",
         ]
+
+    def run(self, playbook, variables, env=None):
+        cmd = self._command(playbook, variables)
         proc = subprocess.run(
             cmd,
             cwd=ROOT,
@@ -364,6 +380,56 @@ def test_no_secret_at_any_verbosity(playbooks, lab, lab_state, images, tmp_path)
     for path in tmp_path.rglob("*"):
         if path.is_file() and path.name != "extra-vars.json":
             assert password.encode() not in path.read_bytes(), path
+
+
+def test_playbook_killed_while_the_role_uploads(playbooks, lab, lab_state, tmp_path):
+    """ansible-playbook is killed outright (an AWX job's cancel) while the
+    role's uploads run in the background, where no signal reaches them: once
+    their heartbeat goes stale, they stop and undo their work."""
+    # 32 MiB of data from slow storage: almost a minute.
+    image = str(tmp_path / "long.raw")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", image, "32M"], check=True)
+    qemu_io(image, "raw", "write -P 0x6b 0 32M")
+    lab.hooks.slow_storage(SLOW_STORAGE_MS)
+    variables = {
+        "upload_disk_auth": playbooks.auth,
+        "upload_disk_disks": [
+            {
+                "image": image,
+                "name": unique("roles-killed"),
+                "storage_domain": lab.file_domain,
+            }
+        ],
+        "upload_disk_max_workers": 1,
+        "upload_disk_buffer_size": SLOW_BUFFER_SIZE,
+        "upload_disk_progress_interval": 1,
+    }
+    playbook = playbooks.start("upload_disk.yml", variables)
+    try:
+        wait_for(lambda: transferred(lab) > 0, 60, "data to move")
+        # Past the first round of the follow loop, which arms the heartbeat.
+        time.sleep(2)
+        os.killpg(playbook.pid, signal.SIGKILL)
+    finally:
+        playbook.wait()
+    killed = time.monotonic()
+    assert lab.hooks.state()["open_transfers"], "the upload ended before the playbook was killed"
+    # The heartbeat times out after 3 progress intervals and 10 s.
+    wait_for(
+        lambda: not lab.hooks.state()["open_transfers"] and not lab_state.new_disks(),
+        30,
+        "the background upload to stop and undo its work",
+    )
+    assert time.monotonic() - killed >= 10
+    lab.hooks.slow_storage(0)
+    lab_state.assert_settled()
+
+
+def transferred(lab):
+    """Bytes the open transfers have moved, as the engine reports them."""
+    with contextlib.closing(lab.connection()) as con:
+        transfers = con.system_service().image_transfers_service().list()
+    return sum(t.transferred or 0 for t in transfers if str(t.phase) == "transferring")
 
 
 def test_one_bad_upload_fails_the_role(playbooks, lab, lab_state, images, tmp_path):
