@@ -6,8 +6,9 @@
 The tests named here take their expected messages from this table, and
 docs/errors.md is made from it (``python -m tests.integration.errors >
 docs/errors.md``; test_errors_doc.py checks that the two agree). In the
-messages, TMP, DOWNLOADS, CORRUPT, OTHER_CA and DISK_ID stand for paths and
-ids a test makes; the document shows them as a user would see them.
+messages, TMP, DOWNLOADS, CORRUPT, OTHER_CA, DISK_ID and OFFSET stand for
+paths, ids and offsets a test meets; the document shows them as a user would
+see them.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ ERRORS = {
         "test_disk_download.py::test_bad_download",
     ),
     ("disk_download", "full file system"): (
-        "cannot write image 'DOWNLOADS/full/disk.qcow2' at offset 0: No space left on device",
+        "cannot write image 'DOWNLOADS/full/disk.qcow2' at offset OFFSET: No space left on device",
         "nothing: the transfer is finalized, the disk unchanged, no partial file",
         "test_disk_download.py::test_full_file_system",
     ),
@@ -172,6 +173,7 @@ SHOWN = {
     "CORRUPT": "/var/tmp/corrupt.qcow2",
     "OTHER_CA": "/etc/pki/other-ca.pem",
     "DISK_ID": "0d8c5a2e-…",
+    "OFFSET": "5242880",
 }
 
 

@@ -661,7 +661,7 @@ def test_stopped_by_a_signal(modules, lab, lab_state, tmp_path, direction, signo
                 lab_state.assert_nothing_left(disks=keep)
             except AssertionError:
                 return False
-            return not modules_running() and not progress.exists()
+            return not modules_running(modules) and not progress.exists()
 
         wait_for(nothing_left, timeout=5, what="nothing left of the stopped " + direction)
     finally:
@@ -698,13 +698,13 @@ def test_killed_module_is_cleaned_up_by_the_next_run(modules, lab, lab_state, tm
             lambda: (read_progress(progress) or {}).get("phase") == "uploading",
             what="the upload to start",
         )
-        for pid in modules_running():
+        for pid in modules_running(modules):
             os.kill(pid, signal.SIGKILL)
         os.killpg(playbook.pid, signal.SIGKILL)
     finally:
         playbook.wait()
     lab.hooks.slow_storage(0)
-    wait_for(lambda: not modules_running(), what="the module to be gone")
+    wait_for(lambda: not modules_running(modules), what="the module to be gone")
     (left,) = [d for d in lab.hooks.state()["disks"] if d["alias"] == "killed"]
     assert left["status"] == "locked"
     (transfer,) = lab_state.new_transfers("upload")
@@ -727,16 +727,22 @@ def test_killed_module_is_cleaned_up_by_the_next_run(modules, lab, lab_state, tm
     lab_state.assert_nothing_left(disks={result["disk"]["id"]})
 
 
-def modules_running():
-    """Processes running one of the collection's modules."""
+def modules_running(modules):
+    """Processes running one of the collection's modules for this test
+    (with its TMPDIR)."""
+    tmpdir = f"TMPDIR={modules.tmpdir}".encode()
     found = []
     for pid in os.listdir("/proc"):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmdline = f.read()
+            if b"AnsiballZ_disk_" not in cmdline:
+                continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
         except OSError:
             continue
-        if b"AnsiballZ_disk_" in cmdline:
+        if tmpdir in environ:
             found.append(int(pid))
     return found
 
