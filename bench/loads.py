@@ -1,12 +1,12 @@
 # Copyright: thinair.ovirt contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 
-"""Uploads at once, measured on a lab: one upload through the upload_disk
-role, then eight at once and twenty small ones at once through the same
-role, in one run. Prints each run's time, its data rate and the rate against
-one upload's, and the peak memory of the whole run: every process of the
-client side summed (ansible-playbook, the modules in the background, their
-qemu-nbd), sampled ten times a second."""
+"""Uploads at once, measured on a lab through the upload_disk role: eight
+1 GiB images at once against one of them alone, twenty 64 MiB images at once
+against one alone, in one run. Prints each run's time, its data rate, the
+rate against one upload alone, and the peak memory of the client side:
+ansible-playbook, the modules in the background and their qemu-nbd, their
+proportional set sizes summed ten times a second."""
 
 from __future__ import annotations
 
@@ -24,13 +24,14 @@ BIN = os.path.dirname(sys.executable)
 
 MiB = 1024**2
 GiB = 1024**3
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
-# (name, count, virtual size, data in it)
+# (count, virtual size, data in each): each load after one upload of the
+# same images alone, its reference.
 CASES = (
-    ("one upload", 1, 1 * GiB, 256 * MiB),
-    ("eight uploads at once", 8, 1 * GiB, 256 * MiB),
-    ("twenty small uploads at once", 20, 64 * MiB, 16 * MiB),
+    (1, 1 * GiB, 256 * MiB),
+    (8, 1 * GiB, 256 * MiB),
+    (1, 64 * MiB, 16 * MiB),
+    (20, 64 * MiB, 16 * MiB),
 )
 # The processes of the client side.
 CLIENT = (b"ansible-playbook", b"AnsiballZ_", b"async_wrapper", b"qemu-nbd")
@@ -50,7 +51,7 @@ def load_suite(workdir):
     auth["url"] = info["engine_url"]
     rows = []
     try:
-        for name, count, size, data in CASES:
+        for count, size, data in CASES:
             paths = [make_image(images, size, data, i) for i in range(count)]
             disks = [
                 {"image": path, "name": f"load-{count}-{i}", "storage_domain": "nfs1"}
@@ -58,7 +59,7 @@ def load_suite(workdir):
             ]
             seconds, peak = timed(upload_playbook(workdir, auth, disks), images)
             rows.append(
-                {"case": name, "count": count, "data": count * data, "seconds": seconds,
+                {"count": count, "size": size, "data": count * data, "seconds": seconds,
                  "peak": peak}
             )  # fmt: skip
             remove_disks(info, [d["name"] for d in disks])
@@ -130,8 +131,12 @@ def client_rss(images):
             # qemu-nbd of the lab's host serves volumes, not our images.
             if b"qemu-nbd" in cmdline and images.encode() not in cmdline:
                 continue
-            with open(f"/proc/{pid}/statm") as f:
-                total += int(f.read().split()[1]) * PAGE
+            # Proportional: pages a fork shares with its parent count once.
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1]) * 1024
+                        break
         except OSError:
             continue
     return total
@@ -152,11 +157,14 @@ def remove_disks(info, names):
 
 
 def print_load_table(rows):
-    one = rows[0]["data"] / rows[0]["seconds"]
-    print("| case | s | data MiB/s | rate against one upload | client peak RSS MiB |")
-    print("|---|---:|---:|---:|---:|")
+    print("| uploads at once | image | s | data MiB/s | rate against one alone "
+          "| client peak memory MiB |")  # fmt: skip
+    print("|---:|---|---:|---:|---:|---:|")
+    one = None
     for row in rows:
         rate = row["data"] / row["seconds"]
-        case = f"{row['case']} ({row['data'] // row['count'] // MiB} MiB data each)"
-        print(f"| {case} | {row['seconds']:.2f} | {rate / MiB:.0f} | {rate / one:.2f} "
-              f"| {row['peak'] / MiB:.0f} |")  # fmt: skip
+        if row["count"] == 1:
+            one = rate
+        image = f"{row['size'] // MiB} MiB qcow2, {row['data'] // row['count'] // MiB} MiB data"
+        print(f"| {row['count']} | {image} | {row['seconds']:.2f} | {rate / MiB:.0f} "
+              f"| {rate / one:.2f} | {row['peak'] / MiB:.0f} |")  # fmt: skip

@@ -27,9 +27,9 @@ import: on a lab, import_vm.yml's start to a running VM for 1 GiB and 16 GiB
 disks, external and copied, and a whole import of four VMs against one
 (bench/imports.py).
 
-load: on a lab, one upload through the upload_disk role against eight at
-once and twenty small ones at once, with the client side's peak memory
-(bench/loads.py).
+load: on a lab, eight uploads at once through the upload_disk role and twenty
+small ones, each against one of the same alone, with the client side's peak
+memory (bench/loads.py).
 
 Prints wall time, CPU seconds (user+sys, child processes included), peak
 RSS and the ratios, as tables ready for the README.
