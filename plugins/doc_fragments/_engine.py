@@ -115,7 +115,7 @@ options:
       - A file the caller touches while it follows the module run in the background (C(async)),
         as the C(upload_disk) and C(download_disk) roles do. Once touched after the module
         started, if it is not touched for I(heartbeat_timeout) seconds the module stops and undoes
-        its work, as on SIGTERM: the playbook that followed it has stopped.
+        its work, as on SIGTERM, since the playbook that followed it has stopped.
     type: path
   heartbeat_timeout:
     description:

@@ -159,6 +159,8 @@ class Engine:
         )
         self._owns_token = not auth.get("token")
         self.system = self.connection.system_service()
+        # What had to be sent again, one line each, for the module result.
+        self.retries = []
         # An engine that cannot be reached at first is more likely a wrong
         # URL than a restart: no waiting for it before it answered once.
         self._answered = False
@@ -205,7 +207,11 @@ class Engine:
                     time.sleep(pause)
                     pause *= 2
                     if taken is not None and unknown and self._taken(taken):
+                        self.retries.append(
+                            f"{what}: {self._explain(e)}; the engine had done it, not sent again"
+                        )
                         return None
+                    self.retries.append(f"{what}: {self._explain(e)}; sent again")
                     continue
                 raise EngineError(f"cannot {what}: {self._explain(e)}") from e
         raise AssertionError("unreachable")

@@ -88,6 +88,8 @@ def run_module(module, action, description):
             result = action(engine, options, progress, check_mode=module.check_mode)
             if stale:
                 result["stale_transfers"] = stale
+            if engine.retries:
+                result["engine_retries"] = engine.retries
         except _signals.Stopped as e:
             module.fail_json(msg=f"{e}; what the module had started was undone")
         except FAILURES as e:

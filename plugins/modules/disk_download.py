@@ -100,6 +100,14 @@ disk:
   sample: {"id": "5c3bbe8e-6f2c-4b57-8b2e-3a1bd34f5fd7", "name": "db1-data", "format": "cow",
            "sparse": true, "provisioned_size": 6442450944, "actual_size": 1631584256,
            "status": "ok", "storage_domain": "iscsi1"}
+engine_retries:
+  description:
+    - Calls to the engine answered 409 or 5xx, or whose connection was lost, and sent again (or
+      found done); one line each.
+  returned: when there were any
+  type: list
+  elements: str
+  sample: ["watch transfer 0d8c...: Service Unavailable; sent again"]
 stale_transfers:
   description:
     - Transfers a module killed without warning (SIGKILL, a reboot) had left open on this node

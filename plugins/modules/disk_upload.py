@@ -140,6 +140,14 @@ disk:
            "sparse": true, "provisioned_size": 6442450944, "actual_size": 1631584256,
            "content_type": "data", "backup": "incremental", "status": "ok",
            "storage_domain": "iscsi1", "description": "Uploaded by thinair.ovirt"}
+engine_retries:
+  description:
+    - Calls to the engine answered 409 or 5xx, or whose connection was lost, and sent again (or
+      found done); one line each.
+  returned: when there were any
+  type: list
+  elements: str
+  sample: ["watch transfer 0d8c...: Service Unavailable; sent again"]
 stale_transfers:
   description:
     - Transfers a module killed without warning (SIGKILL, a reboot) had left open on this node

@@ -801,6 +801,8 @@ def test_engine_fails_finalize(modules, lab, lab_state, images, tmp_path, after)
     assert_same(images["raw"], dest)
     (transfer,) = lab_state.new_transfers("upload")
     assert lab.hooks.states(transfer.id)[-1] == "finished_success"
+    told = "the engine had done it, not sent again" if after else "sent again"
+    assert [line for line in up["engine_retries"] if line.endswith(told)], up["engine_retries"]
     finalize = f"POST /ovirt-engine/api/imagetransfers/{transfer.id}/finalize"
     with open(os.path.join(lab.dir, "log", "engine.log")) as f:
         sent = [line for line in f if finalize in line]
