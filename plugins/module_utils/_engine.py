@@ -178,10 +178,11 @@ class Engine:
         """Call an SDK function and turn its errors into EngineError.
 
         A call that could not connect (once the engine has answered) never
-        reached it: it is sent again, as is one answered 409 or 5xx when retry. An action that may
-        have been carried out although its answer was lost (5xx, connection
-        lost) gives taken(), which reads the state: when it says the action
-        was taken, the call is not sent again.
+        reached it: it is sent again, as is one answered 409 or 5xx, or
+        whose connection was lost, when retry. An action that may have been
+        carried out although its answer was lost (5xx, connection lost)
+        gives taken(), which reads the state: when it says the action was
+        taken, the call is not sent again.
         """
         pause = 0.5
         for attempt in range(RETRIES + 1):

@@ -258,7 +258,7 @@ class ImageioEndpoint:
         with memoryview(buf) as outer, outer.cast("B") as view:
             for start in range(0, len(view), self.max_request):
                 chunk = view[start : start + self.max_request]
-                self._call("GET", *self._get_range(offset + start, chunk), retry=True)
+                self._call("GET", *self._get_range(offset + start, chunk))
 
     def write(self, offset, buf):
         """Write buf at offset (PUT with Content-Range)."""
@@ -266,9 +266,7 @@ class ImageioEndpoint:
         with memoryview(buf) as outer, outer.cast("B") as view:
             for start in range(0, len(view), self.max_request):
                 chunk = view[start : start + self.max_request]
-                self._call(
-                    "PUT", *self._put(offset + start, len(chunk), _send_view(chunk)), retry=True
-                )
+                self._call("PUT", *self._put(offset + start, len(chunk), _send_view(chunk)))
 
     @property
     def can_write_from_file(self):
@@ -286,7 +284,7 @@ class ImageioEndpoint:
         for start in range(0, length, self.max_request):
             step = min(self.max_request, length - start)
             send = self._send_file(fd, file_offset + start, step)
-            self._call("PUT", *self._put(offset + start, step, send), retry=True)
+            self._call("PUT", *self._put(offset + start, step, send))
 
     def zero(self, offset, length):
         """Make [offset, offset + length) read as zeros."""
@@ -302,10 +300,10 @@ class ImageioEndpoint:
                     "size": step,
                     "flush": FEATURE_FLUSH not in self.features,
                 }
-                self._call("PATCH", *self._patch(msg), retry=True)
+                self._call("PATCH", *self._patch(msg))
             else:
                 step = min(end - offset, self.max_request)
-                self._call("PUT", *self._put(offset, step, self._send_zeros(step)), retry=True)
+                self._call("PUT", *self._put(offset, step, self._send_zeros(step)))
             offset += step
 
     def flush(self):
@@ -314,7 +312,7 @@ class ImageioEndpoint:
         if FEATURE_FLUSH in self.features:
             # A PUT answered 200 has reached the backend (qemu-nbd or the
             # file), which outlives a restart of the daemon.
-            self._call("PATCH", *self._patch({"op": "flush"}), retry=True)
+            self._call("PATCH", *self._patch({"op": "flush"}))
 
     def checksum(
         self,
@@ -340,7 +338,7 @@ class ImageioEndpoint:
             self._check(resp, "GET", path, (http.client.OK,))
             return _json_reply(resp, "GET", self._where(path))
 
-        return self._call("GET", path, request, retry=True, timeout=timeout)
+        return self._call("GET", path, request, timeout=timeout)
 
     def close(self):
         if self._con is not None:
@@ -452,14 +450,14 @@ class ImageioEndpoint:
 
         return send
 
-    def _call(self, method, path, request, retry=False, timeout=_ENDPOINT_TIMEOUT):
+    def _call(self, method, path, request, timeout=_ENDPOINT_TIMEOUT):
         """Run request(con) on this endpoint's connection and return its result.
 
         A request whose connection died (the daemon restarted or dropped an
-        idle connection) fails; with retry it is sent again on new
-        connections, at once and then after growing pauses, until
-        retry_timeout has passed. timeout replaces the endpoint's reply
-        timeout for this request (None: no limit).
+        idle connection) is sent again on new connections, at once and then
+        after growing pauses, until retry_timeout has passed: every request
+        is idempotent. timeout replaces the endpoint's reply timeout for
+        this request (None: no limit).
         """
         if timeout is _ENDPOINT_TIMEOUT:
             timeout = self._route.target.timeout
@@ -476,7 +474,7 @@ class ImageioEndpoint:
                     first_error, started = error, now
                 failures += 1
                 remaining = started + self.retry_timeout - now
-                if not retry or remaining <= 0:
+                if remaining <= 0:
                     if failures > 1:
                         error += f" (sent {failures} times in {now - started:.1f} s)"
                         self._retries.add(f"{first_error}; gave up: {error}")
@@ -584,7 +582,7 @@ class ImageioEndpoint:
             self._check(resp, "GET", path, (http.client.OK,))
             return _json_reply(resp, "GET", self._where(path))
 
-        reply = self._call("GET", path, request, retry=True)
+        reply = self._call("GET", path, request)
         items = []
         try:
             for ext in reply:
@@ -618,7 +616,7 @@ class ImageioEndpoint:
                 )
             return int(found.group(1))
 
-        return self._call("GET", path, request, retry=True)
+        return self._call("GET", path, request)
 
 
 class _RetryLog:
