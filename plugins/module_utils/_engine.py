@@ -544,12 +544,15 @@ class Engine:
         a cold copy, or live storage migration for a disk of a running VM.
         Follow it with wait_jobs(correlation_id)."""
         service = self.system.disks_service().disk_service(disk_id)
+        jobs = self.system.jobs_service()
         self.call(
             service.move,
             storage_domain=types.StorageDomain(name=storage_domain),
             query={"correlation_id": correlation_id},
             what=f"move disk {disk_id} to {storage_domain}",
             retry=False,
+            # A job of this correlation id: the engine took the move.
+            taken=lambda: bool(jobs.list(search=f"correlation_id={correlation_id}")),
         )
 
     def jobs(self, correlation_id):

@@ -8,6 +8,7 @@ and bad input."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -112,6 +113,25 @@ def test_cold_move_of_a_floating_disk(lab, ansible, export):
     assert [r["changed"] for r in results] == [True, False, True]
     assert results[0]["job"]["description"].startswith("Moving Disk cold-move")
     assert results[0]["disk"]["storage_domain"] == "nfs1"
+
+
+def test_move_whose_answer_is_lost(lab, ansible, export):
+    """The engine starts the move but its answer is lost (a 502 from a proxy
+    in front of it): the module finds the move's job and follows it rather
+    than asking for a second move."""
+    create = disk_task(lab, name="lost-answer", storage_domain="iscsi1", size="64MiB")
+    disk_id = ansible.playbook([create])[0]["disk"]["id"]
+    lab.hooks.fail("/ovirt-engine/api/disks/*/move", status=502, method="POST", after=True)
+    move, remove = ansible.playbook([
+        move_task(lab, disk_id=disk_id, storage_domain="nfs1"),
+        disk_task(lab, name="lost-answer", state="absent"),
+    ])  # fmt: skip
+    assert move["changed"] and move["disk"]["storage_domain"] == "nfs1", move
+    assert lab.hooks.faults() == []
+    with open(os.path.join(lab.dir, "log", "engine.log")) as f:
+        sent = [line for line in f if f"POST /ovirt-engine/api/disks/{disk_id}/move" in line]
+    assert len(sent) == 1, sent
+    assert remove["changed"]
 
 
 @pytest.mark.parametrize(
