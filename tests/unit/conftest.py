@@ -16,6 +16,8 @@ from urllib.parse import quote
 
 import pytest
 
+from lab.pki import Pki
+
 SERVER_START_TIMEOUT = 10
 SERVER_STOP_TIMEOUT = 10
 
@@ -219,86 +221,6 @@ def nbd_servers(tmp_path):
             shutil.rmtree(directory)
 
 
-def _openssl(*args, cwd):
-    subprocess.run(
-        ["openssl", *args], cwd=cwd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-
-
-def _make_ca(directory, name):
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        f"{name}-key.pem",
-        "-out",
-        f"{name}-cert.pem",
-        "-days",
-        "2",
-        "-subj",
-        f"/CN=thinair test {name}",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-        cwd=directory,
-    )
-
-
-def _make_cert(directory, name, ca, usage, san):
-    """A certificate for name signed by ca; usage is serverAuth or clientAuth."""
-    extensions = directory / f"{name}.ext"
-    lines = [
-        "basicConstraints=critical,CA:FALSE",
-        "keyUsage=critical,digitalSignature",
-        f"extendedKeyUsage={usage}",
-        "subjectKeyIdentifier=hash",
-        "authorityKeyIdentifier=keyid",
-    ]
-    if san:
-        lines.append(f"subjectAltName={san}")
-    extensions.write_text("\n".join(lines) + "\n")
-    _openssl(
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        f"{name}-key.pem",
-        "-out",
-        f"{name}.csr",
-        "-subj",
-        f"/CN={name}",
-        cwd=directory,
-    )
-    _openssl(
-        "x509",
-        "-req",
-        "-in",
-        f"{name}.csr",
-        "-CA",
-        f"{ca}-cert.pem",
-        "-CAkey",
-        f"{ca}-key.pem",
-        "-set_serial",
-        str(int.from_bytes(os.urandom(8), "big")),
-        "-days",
-        "2",
-        "-extfile",
-        extensions.name,
-        "-out",
-        f"{name}-cert.pem",
-        cwd=directory,
-    )
-
-
 class TLSCerts:
     """Certificate directories in the layout qemu and nbdkit expect.
 
@@ -318,36 +240,16 @@ class TLSCerts:
 
 @pytest.fixture(scope="session")
 def tls_certs(tmp_path_factory):
-    """A CA, a server and a client certificate, and a rogue CA, made with openssl."""
+    """A CA, a server and a client certificate, and a rogue CA, from the lab's PKI."""
     root = tmp_path_factory.mktemp("tls")
-    work = root / "work"
-    work.mkdir()
-    _make_ca(work, "ca")
-    _make_ca(work, "rogue")
-    _make_cert(work, "server", "ca", "serverAuth", "IP:127.0.0.1,DNS:localhost")
-    _make_cert(work, "client", "ca", "clientAuth", None)
-    layout = {
-        "server": {
-            "ca-cert.pem": "ca-cert.pem",
-            "server-cert.pem": "server-cert.pem",
-            "server-key.pem": "server-key.pem",
-        },
-        "client": {
-            "ca-cert.pem": "ca-cert.pem",
-            "client-cert.pem": "client-cert.pem",
-            "client-key.pem": "client-key.pem",
-        },
-        "ca-only": {"ca-cert.pem": "ca-cert.pem"},
-        "rogue": {
-            "ca-cert.pem": "rogue-cert.pem",
-            "client-cert.pem": "client-cert.pem",
-            "client-key.pem": "client-key.pem",
-        },
-    }
-    for name, files in layout.items():
-        directory = root / name
-        directory.mkdir()
-        for target, source in files.items():
-            (directory / target).write_bytes((work / source).read_bytes())
-            (directory / target).chmod(0o600)
+    ca = Pki(str(root / "ca"))
+    rogue = Pki(str(root / "rogue-ca"))
+    ca.qemu_dir("server", str(root / "server"))
+    client = ca.qemu_dir("client", str(root / "client"))
+    (root / "ca-only").mkdir()
+    shutil.copy(ca.ca_cert, root / "ca-only" / "ca-cert.pem")
+    (root / "rogue").mkdir()
+    shutil.copy(rogue.ca_cert, root / "rogue" / "ca-cert.pem")
+    for name in ("client-cert.pem", "client-key.pem"):
+        shutil.copy(os.path.join(client, name), root / "rogue" / name)
     return TLSCerts(root)
