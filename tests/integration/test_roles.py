@@ -310,7 +310,15 @@ def test_upload_then_download_two_disks(playbooks, lab, lab_state, images, tmp_p
         {"name": names["a"], "dest": copies["a"], "format": "raw"},
         {"disk_id": results[1]["disk"]["id"], "dest": copies["b"]},
     ]
-    run = playbooks.download(downloads, download_disk_progress_interval=1)
+    # Slow enough for a progress line before the downloads end.
+    lab.hooks.slow_storage(SLOW_STORAGE_MS // 4)
+    run = playbooks.download(
+        downloads,
+        download_disk_progress_interval=1,
+        download_disk_max_workers=1,
+        download_disk_buffer_size=SLOW_BUFFER_SIZE,
+    )
+    lab.hooks.slow_storage(0)
     assert run.rc == 0, run.output
     assert run.changed == 1, run.output
     assert re.search(r"\(item=copy-[ab]\.\w+: ", run.stdout), run.stdout
