@@ -15,6 +15,7 @@ default ~/.local/state/...), one private file per transfer.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -43,14 +44,20 @@ class Record:
         }
 
     def save(self):
-        os.makedirs(directory(), mode=0o700, exist_ok=True)
+        """Write the record; a node where it cannot be written (no writable
+        home) goes without, as the record is only a safety net."""
         tmp = self.path + ".tmp"
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-            json.dump(self.data, f)
-        os.replace(tmp, self.path)
+        try:
+            os.makedirs(directory(), mode=0o700, exist_ok=True)
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+                json.dump(self.data, f)
+            os.replace(tmp, self.path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
     def remove(self):
-        if os.path.exists(self.path):
+        with contextlib.suppress(OSError):
             os.unlink(self.path)
 
 

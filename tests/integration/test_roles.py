@@ -419,7 +419,12 @@ def test_playbook_killed_while_the_role_uploads(playbooks, lab, lab_state, tmp_p
         time.sleep(2)
         os.killpg(playbook.pid, signal.SIGKILL)
     finally:
+        playbook.kill()
         playbook.wait()
+        # Ansible's workers run in sessions of their own: those the kill
+        # left waiting on the dead controller go too, as in a killed job.
+        for pid in processes_of(playbooks.ansible.inventory):
+            os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
     assert lab.hooks.state()["open_transfers"], "the upload ended before the playbook was killed"
     # The heartbeat times out after 3 progress intervals and 10 s.
@@ -431,6 +436,20 @@ def test_playbook_killed_while_the_role_uploads(playbooks, lab, lab_state, tmp_p
     assert time.monotonic() - killed >= 10
     lab.hooks.slow_storage(0)
     lab_state.assert_settled()
+
+
+def processes_of(inventory):
+    """Processes of an ansible-playbook run with this inventory."""
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().split(b"\0")
+        except OSError:
+            continue
+        if inventory.encode() in cmdline:
+            found.append(int(pid))
+    return found
 
 
 def transferred(lab):
