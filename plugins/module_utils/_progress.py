@@ -77,8 +77,14 @@ class Progress:
         if not force and now - self._written < self.interval:
             return
         self._written = now
-        tmp = f"{self.path}.tmp"
-        # Private to the user, as every file the collection keeps state in.
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-            json.dump(self.record(), f)
-        os.replace(tmp, self.path)
+        write_json(self.path, self.record())
+
+
+def write_json(path, data):
+    """Replace path with data as JSON, atomically (a reader never sees half
+    of it) and private to the user, as every file the collection keeps
+    state in."""
+    tmp = f"{path}.tmp"
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)

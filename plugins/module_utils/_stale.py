@@ -20,7 +20,7 @@ import glob
 import json
 import os
 
-from ansible_collections.thinair.ovirt.plugins.module_utils import _engine, _qemu
+from ansible_collections.thinair.ovirt.plugins.module_utils import _engine, _progress, _qemu
 
 
 def directory():
@@ -46,15 +46,12 @@ class Record:
     def save(self):
         """Write the record; a node where it cannot be written (no writable
         home) goes without, as the record is only a safety net."""
-        tmp = self.path + ".tmp"
         try:
             os.makedirs(directory(), mode=0o700, exist_ok=True)
-            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-                json.dump(self.data, f)
-            os.replace(tmp, self.path)
+            _progress.write_json(self.path, self.data)
         except OSError:
             with contextlib.suppress(OSError):
-                os.unlink(tmp)
+                os.unlink(self.path + ".tmp")
 
     def remove(self):
         with contextlib.suppress(OSError):
