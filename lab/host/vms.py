@@ -278,8 +278,9 @@ class Vm:
 
     def mirror(self, disk_id: str, target: dict, node_name: str) -> str:
         """Start mirroring the disk's whole chain into target (a block node
-        description without a backing) as live storage migration does: the
-        guest's writes go to both sides while the copy runs. Returns the job id."""
+        description without a backing) as live storage migration does: blocks
+        the guest writes meanwhile are copied again until both sides match.
+        Returns the job id."""
         disk = self._disk(disk_id)
         job_id = "mirror-" + disk.node_name
         self.qmp("blockdev-add", **dict(target, **{"node-name": node_name}))
@@ -291,7 +292,10 @@ class Vm:
                     "device": disk.node_name,
                     "target": node_name,
                     "sync": "full",
-                    "copy-mode": "write-blocking",
+                    # The default background mode, as vdsm's blockCopy asks
+                    # for (no synchronous writes). Cancelling a running
+                    # write-blocking mirror corrupts qemu 7.2's heap.
+                    "copy-mode": "background",
                     # Larger chunks than the 64 KiB clusters: a 4 GiB disk
                     # with 1 GiB of data mirrors about twice as fast.
                     "granularity": MIRROR_GRANULARITY,

@@ -338,6 +338,31 @@ def test_live_move_failure_keeps_the_vm_on_its_chain(lab, con, tmp_path, source,
     assert lab.hooks.state()["vm_processes"] == []
 
 
+def test_live_moves_failing_again_and_again(lab, con, tmp_path, source):
+    """Mirrors cancelled while they copy, round after round, with the guest
+    writing: the VM runs on and sees every write."""
+    data = make_data_image(str(tmp_path / "data.raw"))
+    sock = str(tmp_path / "data.sock")
+    with qemu_nbd(data, sock=sock):
+        vm, boot, disk = up_vm_with_external(lab, con, source, f"nbd:unix:{sock}", DATA_SIZE)
+        service = vms(con).vm_service(vm.id)
+        writer = GuestWriter(lab, vm.id, disk.id)
+        writer.start(3 * MiB)
+        try:
+            for _round in range(40):
+                lab.hooks.fail("/copy", method="MOVE", status=500, count=2)
+                moves = [move(con, boot.id, "iscsi1"), move(con, disk.id, "iscsi1")]
+                assert [wait_job(con, m).status for m in moves] == [types.JobStatus.FAILED] * 2
+                assert service.get().status == types.VmStatus.UP
+        finally:
+            writer.stop()
+        assert domain_of(con, boot.id) == "nfs1" and domain_of(con, disk.id) == "scratch"
+        expected = writer.expected(data, str(tmp_path / "expected.raw"))
+        assert lab.hooks.vm_checksum(vm.id, disk.id) == client.checksum(expected)
+        service.stop()
+    service.remove()
+
+
 def test_live_move_needs_an_up_vm(lab, con):
     # Without a guest agent the VM stays powering_up: oVirt refuses LSM then.
     vm = add_vm(con)
