@@ -5,79 +5,128 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager, suppress
+from contextlib import closing, contextmanager, suppress
 
-from ansible_collections.thinair.ovirt.plugins.module_utils import _checksum, _copy, _file, _qemu
+from ansible_collections.thinair.ovirt.plugins.module_utils import (
+    _checksum,
+    _copy,
+    _file,
+    _qcow2,
+    _qemu,
+)
+from ansible_collections.thinair.ovirt.plugins.module_utils._bytes import round_up
 
 SECTOR = 512
 
+# The formats written in place, without qemu-nbd.
+WRITERS = {"raw": _file.RawWriter, "qcow2": _qcow2.Qcow2Writer}
+
 
 def inspect(image, fmt=None, checksum_algorithm=None, checksum_block_size=None):
-    """Return a dict of facts about a local image or an NBD URL.
+    """Return a dict of facts about a local image or an NBD URL (Source.facts).
 
     Raises _qemu.QemuError (or an NBD error) with a message naming the image.
     """
     if checksum_algorithm:
         _checksum.validate(checksum_algorithm, checksum_block_size or _checksum.DEFAULT_BLOCK_SIZE)
-    info = _qemu.info(image, fmt=fmt)
-    fmt = info["format"]
-    facts = {
-        "image": image,
-        "format": fmt,
-        "virtual_size": info["virtual-size"],
-        "actual_size": info.get("actual-size"),
-        "backing_file": info.get("backing-filename"),
-        "iso": fmt == "raw" and not _qemu.is_nbd_url(image) and _qemu.is_iso(image),
-    }
-    # The two formats an oVirt disk can have. qemu measures a raw target as
-    # the virtual size in whole sectors, needed and fully allocated alike
-    # (raw_measure, block/raw-format.c): no need to ask it.
-    measured = _qemu.measure(image, "qcow2", fmt=fmt)
-    raw = -(-info["virtual-size"] // SECTOR) * SECTOR
-    facts["measure"] = {
-        "qcow2": {"required": measured["required"], "fully_allocated": measured["fully-allocated"]},
-        "raw": {"required": raw, "fully_allocated": raw},
-    }
-    with open_endpoint(image, fmt) as endpoint:
-        data = zero = 0
-        for ext in endpoint.extents():
-            if ext.zero:
-                zero += ext.length
-            else:
-                data += ext.length
-        facts["data_bytes"] = data
-        facts["zero_bytes"] = zero
+    with open_source(image, fmt) as source:
+        return source.facts(checksum_algorithm, checksum_block_size)
+
+
+class Source:
+    """An image opened once for reading: what qemu-img info said of it, and
+    the endpoint a copy reads (``endpoint``), open until the source closes.
+
+    A local file stays locked as qemu locks images it reads, so what was
+    planned from its facts is what is sent.
+    """
+
+    def __init__(self, image, info, endpoint):
+        self.image = image
+        self.info = info
+        self.format = info["format"]
+        self.virtual_size = info["virtual-size"]
+        self.endpoint = endpoint
+
+    def facts(self, checksum_algorithm=None, checksum_block_size=None):
+        """What qemu-img info says, the data and zero bytes of the extents,
+        the sizes the image takes as a raw or qcow2 disk (as qemu-img measure
+        gives them) and, with checksum_algorithm, imageio's checksum."""
+        info = self.info
+        facts = {
+            "image": self.image,
+            "format": self.format,
+            "virtual_size": self.virtual_size,
+            "actual_size": info.get("actual-size"),
+            "backing_file": info.get("backing-filename"),
+            "iso": self.format == "raw"
+            and not _qemu.is_nbd_url(self.image)
+            and _qemu.is_iso(self.image),
+        }
+        counts = {True: 0, False: 0}
+
+        def counted(extents):
+            for extent in extents:
+                counts[extent.zero] += extent.length
+                yield extent
+
+        qcow2 = _qcow2.measure(self.virtual_size, counted(self.endpoint.extents()))
+        # qemu measures a raw target as the virtual size in whole sectors,
+        # needed and fully allocated alike (raw_measure, block/raw-format.c).
+        raw = round_up(self.virtual_size, SECTOR)
+        facts["measure"] = {
+            "qcow2": {"required": qcow2["required"], "fully_allocated": qcow2["fully_allocated"]},
+            "raw": {"required": raw, "fully_allocated": raw},
+        }
+        facts["data_bytes"] = counts[False]
+        facts["zero_bytes"] = counts[True]
         if checksum_algorithm:
             facts["checksum"] = _checksum.checksum(
-                endpoint,
+                self.endpoint,
                 algorithm=checksum_algorithm,
                 block_size=checksum_block_size or _checksum.DEFAULT_BLOCK_SIZE,
             )
-    return facts
+        return facts
 
 
 @contextmanager
-def open_endpoint(image, fmt, readonly=True, page_cache=True):
-    """Yield an endpoint reading a local image or an NBD URL.
+def open_source(image, fmt=None, page_cache=True):
+    """Yield the Source of a local image or an NBD URL.
 
+    qemu-img info runs once, and qemu-img check for formats other than raw.
     A raw file, or a qcow2 file whose data lies uncompressed in the file
-    itself, is read from the file (_file.FileReader); anything else, and an
-    image opened for writing, is served by qemu-nbd (_copy.NbdEndpoint).
-    page_cache: see _file.open_reader().
+    itself, is read from the file (_file.FileReader); anything else is
+    served by qemu-nbd (_copy.NbdEndpoint).
+    page_cache: see _file.open_locked().
     """
-    endpoint = _file.open_reader(image, fmt, page_cache=page_cache) if readonly else None
+    file = _file.open_locked(image, page_cache=page_cache)
+    try:
+        info = _qemu.info(image, fmt=fmt)
+        # What qemu-nbd would serve wrongly (corrupt, truncated) fails here.
+        check = _qemu.check(image, fmt=info["format"]) if info["format"] != "raw" else None
+        endpoint = _file.reader(file, info, check) if file is not None else None
+    except BaseException:
+        if file is not None:
+            file.release()
+        raise
+    if file is not None:
+        # The reader holds the file now, if it reads it.
+        file.release()
     if endpoint is not None:
-        try:
-            yield endpoint
-        finally:
-            endpoint.close()
+        with closing(endpoint):
+            yield Source(image, info, endpoint)
         return
-    with _qemu.serve(image, fmt=fmt, readonly=readonly) as export:
-        endpoint = _copy.NbdEndpoint(export.url, allocation_depth=export.format != "raw")
-        try:
-            yield endpoint
-        finally:
-            endpoint.close()
+    with _qemu.serve(image, fmt=info["format"], checked=True) as export, closing(
+        _copy.NbdEndpoint(export.url, allocation_depth=export.format != "raw")
+    ) as endpoint:
+        yield Source(image, info, endpoint)
+
+
+@contextmanager
+def open_endpoint(image, fmt, page_cache=True):
+    """Yield an endpoint reading a local image or an NBD URL (Source.endpoint)."""
+    with open_source(image, fmt, page_cache=page_cache) as source:
+        yield source.endpoint
 
 
 @contextmanager
@@ -85,13 +134,13 @@ def create_endpoint(path, fmt, size):
     """Create a new local image (replacing any file at path) and yield an
     endpoint writing it.
 
-    raw and qcow2 images are written in place (_file); other formats through
+    raw and qcow2 images are written in place (WRITERS); other formats through
     qemu-nbd. The image reads as zeros, so a copy skips zero extents. Writes
     bypass the page cache (direct I/O where the file system has it): filling
     the cache costs several times the CPU of the copy itself.
     """
-    if fmt in _file.FORMATS:
-        endpoint = _file.create_writer(path, fmt, size)
+    if fmt in WRITERS:
+        endpoint = WRITERS[fmt](path, size)
         try:
             yield endpoint
         except BaseException:

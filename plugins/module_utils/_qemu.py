@@ -343,6 +343,7 @@ def serve(
     export_name="",
     timeout=10.0,
     tls_certs=None,
+    checked=False,
 ):
     """Serve image with qemu-nbd on a private unix socket; yield an Export.
 
@@ -356,13 +357,15 @@ def serve(
         discard, else "on").
     tls_certs: client credentials directory to read a TLS NBD source.
 
-    Non-raw images are checked with qemu-img check first, so a truncated or
-    corrupt image fails here instead of serving zeros. qemu-nbd is stopped
+    Non-raw images are checked with qemu-img check first (unless checked
+    says the caller did), so a truncated or corrupt image fails here instead
+    of serving zeros. qemu-nbd is stopped
     and the directory removed when the block ends, whatever ends it; if the
     calling thread dies without unwinding, the kernel stops qemu-nbd.
     """
     source = _Source(image, fmt, tls_certs, readonly=readonly)
-    source.verify()
+    if not checked:
+        source.verify()
     directory = tempfile.mkdtemp(prefix="thinair-qemu-nbd-")
     try:
         sock = os.path.join(directory, "sock")

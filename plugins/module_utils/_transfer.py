@@ -257,16 +257,27 @@ def checksum_disk(engine, disk_id, options, snapshot_id=None):
 
 
 def upload(engine, options, progress, check_mode=False):
-    """Upload options["image"] to a new or existing disk; return the module result."""
-    image = options["image"]
+    """Upload options["image"] to a new or existing disk; return the module result.
+
+    The image is opened once: what is planned from its facts is what is sent.
+    imageio sets an upload's pace, so the image is read with direct I/O,
+    leaving the CPU to TLS instead of copying from the page cache.
+    """
     progress.set_phase("inspecting")
-    facts = _image.inspect(image, fmt=options.get("image_format"))
-    name = options.get("name") or _default_name(image)
+    with _image.open_source(
+        options["image"], fmt=options.get("image_format"), page_cache=False
+    ) as source:
+        return _upload(engine, options, progress, source, check_mode)
+
+
+def _upload(engine, options, progress, source, check_mode):
+    facts = source.facts()
+    name = options.get("name") or _default_name(source.image)
     disk = engine.disk(
         disk_id=options.get("disk_id"), name=None if options.get("disk_id") else name
     )
     if disk is not None:
-        return _upload_existing(engine, options, progress, facts, disk, check_mode)
+        return _upload_existing(engine, options, progress, source, facts, disk, check_mode)
 
     if not options.get("storage_domain"):
         raise TransferError(
@@ -293,7 +304,7 @@ def upload(engine, options, progress, check_mode=False):
     if "initial_size" in spec and storage_type in _plan.BLOCK_STORAGE_TYPES:
         full_volume = (
             f"the volume of disk {name} on block storage domain {sd.name} has room for the "
-            f"{spec['initial_size']} bytes qemu-img measure gave for the image, and does not "
+            f"{spec['initial_size']} bytes qemu-img measure gives for the image, and does not "
             "grow during an upload: did the image change after it was measured?"
         )
     progress.set_phase("creating disk")
@@ -311,13 +322,13 @@ def upload(engine, options, progress, check_mode=False):
     except BaseException as e:
         _undo(e, lambda: engine.remove_disk(disk.id))
         raise
-    stats = _send(session, image, facts, options, progress, full_volume)
+    stats = _send(session, source.endpoint, options, progress, full_volume)
     result["disk"] = disk_result(engine.get_disk(disk.id), sd.name)
     result["transfer"] = stats
     return result
 
 
-def _upload_existing(engine, options, progress, facts, disk, check_mode):
+def _upload_existing(engine, options, progress, source, facts, disk, check_mode):
     name = disk.alias or disk.name
     if facts["virtual_size"] > disk.provisioned_size:
         raise TransferError(
@@ -328,8 +339,7 @@ def _upload_existing(engine, options, progress, facts, disk, check_mode):
     result = {"changed": True, "plan": {"disk_id": disk.id, "name": name, "existing": True}}
     if not options.get("force"):
         progress.set_phase("comparing checksums")
-        with _image.open_endpoint(options["image"], facts["format"]) as src:
-            source_sum = _checksum.checksum(_ZeroPadded(src, disk.provisioned_size))
+        source_sum = _checksum.checksum(_ZeroPadded(source.endpoint, disk.provisioned_size))
         if checksum_disk(engine, disk.id, options) == source_sum:
             result["changed"] = False
             result["disk"] = disk_result(disk, sd.name if sd else None)
@@ -339,8 +349,7 @@ def _upload_existing(engine, options, progress, facts, disk, check_mode):
     session = _Session(engine, options, disk.id, "upload", is_zero=False, keep_disk=True)
     stats = _send(
         session,
-        options["image"],
-        facts,
+        source.endpoint,
         options,
         progress,
         _full_volume(disk, sd, facts["measure"]["qcow2"]["required"]),
@@ -367,36 +376,34 @@ def _full_volume(disk, sd, required):
     )
 
 
-def _send(session, image, facts, options, progress, full_volume=None):
-    """Copy the image into the transfer, verify, finalize; undo on failure.
+def _send(session, src, options, progress, full_volume=None):
+    """Copy the source endpoint into the transfer, verify, finalize; undo on
+    failure.
 
     full_volume: what to tell when imageio fails to write, if the disk's
     volume may be full.
     """
-    # imageio sets an upload's pace; reading the image with direct I/O
-    # leaves the CPU to TLS instead of copying from the page cache.
     with session:
-        with _image.open_endpoint(image, facts["format"], page_cache=False) as src:
-            dst = session.endpoint
-            if dst.size < src.size:
+        dst = session.endpoint
+        if dst.size < src.size:
+            raise TransferError(
+                f"the image is {src.size} bytes but the disk holds only {dst.size} bytes"
+            )
+        if dst.size > src.size:
+            src = _ZeroPadded(src, dst.size)
+        progress.set_phase("uploading", size=src.size)
+        try:
+            stats = _copy_data(src, dst, options, progress)
+        except _imageio.Error as e:
+            # imageio says no more than "Server failed" when a volume is full.
+            if e.status == INTERNAL_SERVER_ERROR and full_volume:
                 raise TransferError(
-                    f"the image is {src.size} bytes but the disk holds only {dst.size} bytes"
-                )
-            if dst.size > src.size:
-                src = _ZeroPadded(src, dst.size)
-            progress.set_phase("uploading", size=src.size)
-            try:
-                stats = _copy_data(src, dst, options, progress)
-            except _imageio.Error as e:
-                # imageio says no more than "Server failed" when a volume is full.
-                if e.status == INTERNAL_SERVER_ERROR and full_volume:
-                    raise TransferError(
-                        f"{e}; imageio answers so when the volume is full: {full_volume}"
-                    ) from e
-                raise
-            if options.get("verify"):
-                progress.set_phase("verifying")
-                _verify(src, dst)
+                    f"{e}; imageio answers so when the volume is full: {full_volume}"
+                ) from e
+            raise
+        if options.get("verify"):
+            progress.set_phase("verifying")
+            _verify(src, dst)
         progress.set_phase("finalizing")
     progress.set_phase("done")
     return session.result(stats)

@@ -35,7 +35,7 @@ ERRORS = {
         "test_disk_upload.py::test_bad_upload",
     ),
     ("disk_upload", "qcow2 whose backing file is missing"): (
-        "cannot measure image 'TMP/no-backing.qcow2': qemu-img: Could not open "
+        "cannot check image 'TMP/no-backing.qcow2': qemu-img: Could not open "
         "'TMP/no-backing.qcow2': Could not open backing file: Could not open "
         "'TMP/gone.raw': No such file or directory",
         NOTHING,

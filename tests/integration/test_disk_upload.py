@@ -252,6 +252,35 @@ def test_round_trip(modules, lab, lab_state, images, nbd_source, tmp_path, kind,
     lab_state.assert_nothing_left(disks={disk["id"]})
 
 
+# How the image is read: each kind's qemu-img runs, in order.
+QEMU_IMG_RUNS = {
+    "raw": ["info"],
+    "qcow2": ["info", "check", "map"],
+    "compressed": ["info", "check"],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(QEMU_IMG_RUNS))
+def test_upload_opens_the_image_once(modules, lab, lab_state, images, tmp_path, kind):
+    """qemu-img looks at the image once for the plan and the copy: info,
+    and for a qcow2 image check and, when the copy reads its file, map."""
+    log = tmp_path / "qemu-img.log"
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    real = shutil.which("qemu-img")
+    (shim / "qemu-img").write_text(f'#!/bin/sh\necho "$1" >> {log}\nexec {real} "$@"\n')
+    (shim / "qemu-img").chmod(0o755)
+    modules.ansible.env["PATH"] = f"{shim}{os.pathsep}{modules.ansible.env['PATH']}"
+    name = f"once-{kind}"
+    result = modules.run_one(modules.upload(image=images[kind], storage_domain="iscsi1", name=name))
+    ok(result, True)
+    assert log.read_text().split() == QEMU_IMG_RUNS[kind]
+    dest = str(tmp_path / "back.raw")
+    ok(modules.run_one(modules.download(name=name, dest=dest, format="raw")), True)
+    assert_same(images["raw"], dest)
+    lab_state.assert_nothing_left(disks={result["disk"]["id"]})
+
+
 def test_existing_disk_by_id_and_name(modules, lab, lab_state, images, tmp_path):
     size = os.path.getsize(images["raw"])
     disk_id = create_disk(lab, "existing-1", size, "nfs1")

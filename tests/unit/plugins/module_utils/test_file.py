@@ -22,6 +22,7 @@ from ansible_collections.thinair.ovirt.plugins.module_utils import (
     _copy,
     _file,
     _image,
+    _qcow2,
     _qemu,
 )
 from tests.helpers import qemu_io
@@ -176,7 +177,7 @@ def test_open_endpoint_copies_every_image(images, tmp_path, name, dst_fmt):
         assert isinstance(src, expected)
         assert src.size == _qemu.info(image)["virtual-size"]
         with _image.create_endpoint(out, dst_fmt, src.size) as dst:
-            assert isinstance(dst, _file.Qcow2Writer if dst_fmt == "qcow2" else _file.RawWriter)
+            assert isinstance(dst, _qcow2.Qcow2Writer if dst_fmt == "qcow2" else _file.RawWriter)
             stats = _copy.copy(src, dst, workers=4, request_size=1 * MiB)
             written = _checksum.checksum(dst)
         ours = _checksum.checksum(src)
@@ -374,7 +375,7 @@ def test_writer_unaligned_and_repeated_writes(tmp_path, fmt):
     rng = random.Random(3)
     path = str(tmp_path / f"out.{fmt}")
     model = Model(size)
-    writer = _file.create_writer(path, fmt, size)
+    writer = _image.WRITERS[fmt](path, size)
     try:
         assert writer.size == size
         assert writer.is_zero
@@ -423,7 +424,7 @@ def test_qcow2_writer_crosses_a_refcount_block(tmp_path):
     size = 2 * GiB + 256 * MiB
     path = str(tmp_path / "big.qcow2")
     clusters = 32800
-    writer = _file.create_writer(path, "qcow2", size)
+    writer = _qcow2.Qcow2Writer(path, size)
     try:
         for i in range(clusters):
             writer.write(i * 64 * KiB + 512, (i % 251).to_bytes(1, "big") * 512)
@@ -485,13 +486,13 @@ def test_writer_replaces_an_existing_file(tmp_path):
 def test_writer_in_missing_directory(tmp_path, fmt):
     path = str(tmp_path / "no" / "such" / "dir" / f"out.{fmt}")
     with pytest.raises(_file.FileError, match=rf"cannot create image '{path}': No such file"):
-        _file.create_writer(path, fmt, MiB)
+        _image.WRITERS[fmt](path, MiB)
     assert not os.path.exists(os.path.dirname(path))
 
 
 def test_writer_out_of_range(tmp_path):
     with (
-        contextlib.closing(_file.create_writer(str(tmp_path / "out"), "qcow2", MiB)) as dst,
+        contextlib.closing(_qcow2.Qcow2Writer(str(tmp_path / "out"), MiB)) as dst,
         pytest.raises(ValueError, match=r"cannot write 8192 bytes at offset 1044480"),
     ):
         dst.write(MiB - 4 * KiB, bytes(8 * KiB))
@@ -506,11 +507,6 @@ def test_create_endpoint_other_formats_use_qemu_nbd(images, tmp_path):
         assert isinstance(dst, _copy.NbdEndpoint)
         _copy.copy(src, dst)
     compare(images["qcow2"], out)
-
-
-def test_create_writer_refuses_other_formats(tmp_path):
-    with pytest.raises(ValueError, match="cannot write vmdk images directly"):
-        _file.create_writer(str(tmp_path / "out.vmdk"), "vmdk", MiB)
 
 
 def test_copy_from_nbdkit_into_qcow2_writer(tmp_path, nbd_servers):
