@@ -24,7 +24,12 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".collections"))
 
-from ansible_collections.thinair.ovirt.plugins.module_utils import _copy, _image, _qemu
+from ansible_collections.thinair.ovirt.plugins.module_utils import (
+    _copy,
+    _image,
+    _qemu_img,
+    _qemu_nbd,
+)
 
 
 def peak_rss():
@@ -44,7 +49,7 @@ def main():
     parser.add_argument("--qemu-img", action="store_true")
     args = parser.parse_args()
 
-    info = _qemu.info(args.src)
+    info = _qemu_img.info(args.src)
     if args.direct:
         with (
             _image.open_endpoint(args.src, info["format"]) as src,
@@ -59,10 +64,10 @@ def main():
 
 
 def copy_over_nbd(src_image, dst_image, info, workers, qemu_img=False):
-    _qemu.create(dst_image, "qcow2", info["virtual-size"])
+    _qemu_img.create(dst_image, "qcow2", info["virtual-size"])
     with (
-        _qemu.serve(src_image, fmt=info["format"], readonly=True) as src_export,
-        _qemu.serve(dst_image, fmt="qcow2", readonly=False) as dst_export,
+        _qemu_nbd.serve(src_image, fmt=info["format"], readonly=True) as src_export,
+        _qemu_nbd.serve(dst_image, fmt="qcow2", readonly=False) as dst_export,
     ):
         if qemu_img:
             stats = _copy.Stats(info["virtual-size"])

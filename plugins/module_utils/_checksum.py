@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import hashlib
 
-KiB = 1024
-MiB = 1024**2
+from ansible_collections.thinair.ovirt.plugins.module_utils._bytes import KiB, MiB
 
 DEFAULT_ALGORITHM = "blake2b"
 DEFAULT_BLOCK_SIZE = 4 * MiB

@@ -26,16 +26,18 @@ destination whose ``can_write_from_file`` is true takes it with
 
 from __future__ import annotations
 
-import contextlib
-import mmap
 import threading
 import time
 from collections import namedtuple
 
 from ansible_collections.thinair.ovirt.plugins.module_utils import _nbd
-
-MiB = 1024**2
-GiB = 1024**3
+from ansible_collections.thinair.ovirt.plugins.module_utils._bytes import GiB, MiB, aligned_buffer
+from ansible_collections.thinair.ovirt.plugins.module_utils._nbd_wire import (
+    BASE_ALLOCATION,
+    NBD_STATE_HOLE,
+    NBD_STATE_ZERO,
+    QEMU_ALLOCATION_DEPTH,
+)
 
 # How much of the source map one block status request asks for. Bounded so
 # that a fragmented 8 TiB image never has more than one step of extents in
@@ -54,14 +56,6 @@ DEFAULT_REQUEST_SIZE = 8 * MiB
 # with the copy instead of staying flat, for no gain in speed.
 NBD_REQUEST_SIZE = 2 * MiB
 DEFAULT_WORKERS = 4
-
-# Flags of the NBD "base:allocation" context (NBD proto.md, "base:allocation
-# metadata context").
-NBD_STATE_HOLE = 1
-NBD_STATE_ZERO = 2
-
-BASE_ALLOCATION = "base:allocation"
-ALLOCATION_DEPTH = "qemu:allocation-depth"
 
 
 class Extent(namedtuple("Extent", "start length zero hole")):
@@ -132,7 +126,7 @@ class NbdEndpoint:
         self.is_zero = is_zero
         contexts = [BASE_ALLOCATION]
         if allocation_depth:
-            contexts.append(ALLOCATION_DEPTH)
+            contexts.append(QEMU_ALLOCATION_DEPTH)
         self._client = _nbd.Client(url, tls_certs=tls_certs, meta_contexts=tuple(contexts))
         self.size = self._client.export_size
 
@@ -168,7 +162,7 @@ class NbdEndpoint:
                 replies = {BASE_ALLOCATION: [(step, 0)]}
             else:
                 replies = client.extents(offset, step)
-            for length_, zero, hole in _merge_contexts(replies, ALLOCATION_DEPTH in replies):
+            for length_, zero, hole in _merge_contexts(replies, QEMU_ALLOCATION_DEPTH in replies):
                 # The last extent of a reply may run past what was asked.
                 length_ = min(length_, end - offset)
                 if pending is not None and pending.zero == zero and pending.hole == hole:
@@ -222,7 +216,7 @@ def _merge_contexts(replies, with_depth):
         for length, flags in base:
             yield length, bool(flags & NBD_STATE_ZERO), bool(flags & NBD_STATE_HOLE)
         return
-    depth = replies[ALLOCATION_DEPTH]
+    depth = replies[QEMU_ALLOCATION_DEPTH]
     i = j = 0
     base_left = base[0][0] if base else 0
     depth_left = depth[0][0] if depth else 0
@@ -356,26 +350,10 @@ def _work(src, dst, items, zero_destination, stats, progress, failed):
                 dst.write_from_file(offset, where[0], where[1], length)
             else:
                 if view is None:
-                    view = _buffer(items.request_size)
+                    view = aligned_buffer(items.request_size)
                 chunk = view[:length]
                 src.readinto(offset, chunk)
                 dst.write(offset, chunk)
         stats.add(length, zero)
         if progress is not None:
             progress(stats)
-
-
-def _buffer(size):
-    """A worker's I/O buffer.
-
-    Anonymous memory starts on a page boundary, as direct I/O on local files
-    needs (a bytearray does not). Huge pages, where the system gives them,
-    save page faults, and the pinning of every page by direct I/O.
-    """
-    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
-    advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if advice is not None:
-        # Kernels without transparent huge pages refuse the advice.
-        with contextlib.suppress(OSError):
-            buf.madvise(advice)
-    return memoryview(buf)

@@ -27,15 +27,13 @@ import bisect
 import ctypes
 import errno
 import fcntl
-import json
 import os
 import stat
-import subprocess
 import threading
 from array import array
 from contextlib import closing
 
-from ansible_collections.thinair.ovirt.plugins.module_utils import _copy, _qemu
+from ansible_collections.thinair.ovirt.plugins.module_utils import _copy, _qemu_img
 from ansible_collections.thinair.ovirt.plugins.module_utils._bytes import KiB, MiB, byte_view
 
 # Direct I/O needs offsets, lengths and buffer addresses aligned to the
@@ -91,7 +89,7 @@ def open_locked(image, page_cache=True):
     page_cache: copy what the page cache holds of the image from it (see
     File.read); when False, read everything with direct I/O.
     """
-    if _qemu.is_nbd_url(image) or not _is_image_file(image):
+    if _qemu_img.is_nbd_url(image) or not _is_image_file(image):
         return None
     try:
         file = File.open(image)
@@ -349,7 +347,7 @@ class File:
                 if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP):
                     # No locks on this file system: qemu reads it unlocked too.
                     return
-                raise _qemu.QemuError(
+                raise _qemu_img.QemuError(
                     f"cannot read image '{self.path}': it is locked by another process "
                     f"({e.strerror}); stop the process using it"
                 ) from None
@@ -554,7 +552,7 @@ def _load_map(image, size):
     """The _ExtentMap of a qcow2 image whose data all lies in its own file,
     or None when some does not (or the map is too large to keep)."""
     extent_map = _ExtentMap()
-    with closing(_qemu_img_map(image, "qcow2")) as entries:
+    with closing(_qemu_img.map_extents(image, "qcow2")) as entries:
         for entry in entries:
             if entry["start"] != extent_map.end or len(extent_map) == MAX_MAP_EXTENTS:
                 return None
@@ -572,42 +570,6 @@ def _load_map(image, size):
     if extent_map.end != size:
         return None
     return extent_map
-
-
-def _qemu_img_map(image, fmt):
-    """Yield the ranges of ``qemu-img map --output=json`` as qemu prints
-    them, one a line, so a huge map is never held whole.
-
-    Raises _qemu.QemuError when qemu-img fails; closing the generator early
-    stops qemu-img.
-    """
-    cmd = [_qemu.QEMU_IMG, "map", "--output=json", "-f", fmt, os.path.abspath(image)]
-    try:
-        proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-    except FileNotFoundError:
-        raise _qemu.QemuError(
-            f"{_qemu.QEMU_IMG} not found: install qemu-utils (Debian, Ubuntu) or qemu-img "
-            f"(Fedora, EL)"
-        ) from None
-    try:
-        for line in proc.stdout:
-            # "[{...},", "{...}," ... "{...}]"
-            text = line.strip().lstrip(b"[").rstrip(b",]")
-            if text:
-                yield json.loads(text)
-        error = proc.stderr.read().decode("utf-8", errors="replace").strip()
-        if proc.wait() != 0:
-            raise _qemu.QemuError(
-                f"cannot map image '{image}': {error or f'qemu-img exited with {proc.returncode}'}"
-            )
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
 
 
 def _aligned(offset, length):

@@ -5,14 +5,15 @@
 
 from __future__ import annotations
 
-from contextlib import closing, contextmanager, suppress
+from contextlib import contextmanager, suppress
 
 from ansible_collections.thinair.ovirt.plugins.module_utils import (
     _checksum,
     _copy,
     _file,
     _qcow2,
-    _qemu,
+    _qemu_img,
+    _qemu_nbd,
 )
 from ansible_collections.thinair.ovirt.plugins.module_utils._bytes import round_up
 
@@ -25,7 +26,7 @@ WRITERS = {"raw": _file.RawWriter, "qcow2": _qcow2.Qcow2Writer}
 def inspect(image, fmt=None, checksum_algorithm=None, checksum_block_size=None):
     """Return a dict of facts about a local image or an NBD URL (Source.facts).
 
-    Raises _qemu.QemuError (or an NBD error) with a message naming the image.
+    Raises _qemu_img.QemuError (or an NBD error) with a message naming the image.
     """
     if checksum_algorithm:
         _checksum.validate(checksum_algorithm, checksum_block_size or _checksum.DEFAULT_BLOCK_SIZE)
@@ -60,8 +61,8 @@ class Source:
             "actual_size": info.get("actual-size"),
             "backing_file": info.get("backing-filename"),
             "iso": self.format == "raw"
-            and not _qemu.is_nbd_url(self.image)
-            and _qemu.is_iso(self.image),
+            and not _qemu_img.is_nbd_url(self.image)
+            and _qemu_img.is_iso(self.image),
         }
         counts = {True: 0, False: 0}
 
@@ -101,25 +102,26 @@ def open_source(image, fmt=None, page_cache=True):
     """
     file = _file.open_locked(image, page_cache=page_cache)
     try:
-        info = _qemu.info(image, fmt=fmt)
+        info = _qemu_img.info(image, fmt=fmt)
         # What qemu-nbd would serve wrongly (corrupt, truncated) fails here.
-        check = _qemu.check(image, fmt=info["format"]) if info["format"] != "raw" else None
+        check = _qemu_img.check(image, fmt=info["format"]) if info["format"] != "raw" else None
         endpoint = _file.reader(file, info, check) if file is not None else None
-    except BaseException:
+    finally:
         if file is not None:
+            # A reader of the file holds a reference of its own.
             file.release()
-        raise
-    if file is not None:
-        # The reader holds the file now, if it reads it.
-        file.release()
     if endpoint is not None:
-        with closing(endpoint):
+        try:
             yield Source(image, info, endpoint)
+        finally:
+            endpoint.close()
         return
-    with _qemu.serve(image, fmt=info["format"], checked=True) as export, closing(
-        _copy.NbdEndpoint(export.url, allocation_depth=export.format != "raw")
-    ) as endpoint:
-        yield Source(image, info, endpoint)
+    with _qemu_nbd.serve(image, fmt=info["format"], checked=True) as export:
+        endpoint = _copy.NbdEndpoint(export.url, allocation_depth=export.format != "raw")
+        try:
+            yield Source(image, info, endpoint)
+        finally:
+            endpoint.close()
 
 
 @contextmanager
@@ -151,8 +153,10 @@ def create_endpoint(path, fmt, size):
             raise
         endpoint.close()
         return
-    _qemu.create(path, fmt, size)
-    with _qemu.serve(path, fmt=fmt, readonly=False, discard=False, detect_zeroes="off") as export:
+    _qemu_img.create(path, fmt, size)
+    with _qemu_nbd.serve(
+        path, fmt=fmt, readonly=False, discard=False, detect_zeroes="off"
+    ) as export:
         endpoint = _copy.NbdEndpoint(export.url, is_zero=True)
         try:
             yield endpoint

@@ -33,9 +33,7 @@ import time
 from urllib.parse import urlencode, urlsplit
 
 from ansible_collections.thinair.ovirt.plugins.module_utils import _copy
-
-KiB = 1024
-MiB = 1024**2
+from ansible_collections.thinair.ovirt.plugins.module_utils._bytes import KiB, MiB
 
 # Largest request sent by readinto() and write(): the daemon moves data in
 # 8 MiB steps (its backends' buffer_size), and larger requests only make a

@@ -20,7 +20,7 @@ import glob
 import json
 import os
 
-from ansible_collections.thinair.ovirt.plugins.module_utils import _engine, _progress, _qemu
+from ansible_collections.thinair.ovirt.plugins.module_utils import _engine, _process, _progress
 
 
 def directory():
@@ -40,7 +40,7 @@ class Record:
             "direction": direction,
             "keep_disk": keep_disk,
             "pid": os.getpid(),
-            "start": _qemu.process_start(os.getpid()),
+            "start": _process.process_start(os.getpid()),
         }
 
     def save(self):
@@ -68,7 +68,7 @@ def end_stale(engine):
                 data = json.load(f)
             if data["engine_url"] != engine.url:
                 continue
-            if _qemu.process_start(data["pid"]) == data["start"]:
+            if _process.process_start(data["pid"]) == data["start"]:
                 continue
             transfer_id, disk_id = data["transfer_id"], data["disk_id"]
             direction, keep_disk = data["direction"], data["keep_disk"]

@@ -25,12 +25,11 @@ from ansible_collections.thinair.ovirt.plugins.module_utils import (
     _nbd,
     _plan,
     _progress,
-    _qemu,
+    _qemu_img,
     _signals,
     _stale,
 )
-
-MiB = 1024**2
+from ansible_collections.thinair.ovirt.plugins.module_utils._bytes import MiB
 
 # HTTP status of a failure inside imageio (RFC 9110 15.6.1).
 INTERNAL_SERVER_ERROR = 500
@@ -45,7 +44,7 @@ FAILURES = (
     TransferError,
     _engine.EngineError,
     _plan.PlanError,
-    _qemu.QemuError,
+    _qemu_img.QemuError,
     _nbd.Error,
     _imageio.Error,
     _copy.CopyError,
@@ -513,7 +512,7 @@ def download(engine, options, progress, check_mode=False):
 
 
 def _default_name(image):
-    if _qemu.is_nbd_url(image):
+    if _qemu_img.is_nbd_url(image):
         raise TransferError("give name for a disk uploaded from an NBD URL")
     base = os.path.basename(image)
     return os.path.splitext(base)[0] or base

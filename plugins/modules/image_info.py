@@ -140,7 +140,7 @@ checksum:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.thinair.ovirt.plugins.module_utils import _image, _nbd, _qemu
+from ansible_collections.thinair.ovirt.plugins.module_utils import _image, _nbd, _qemu_img
 
 
 def main():
@@ -165,7 +165,7 @@ def main():
             checksum_algorithm=params["checksum_algorithm"] if params["checksum"] else None,
             checksum_block_size=params["checksum_block_size"],
         )
-    except (_qemu.QemuError, _nbd.Error, ValueError) as e:
+    except (_qemu_img.QemuError, _nbd.Error, ValueError) as e:
         module.fail_json(msg=str(e), image=params["image"])
     module.exit_json(changed=False, **facts)
 

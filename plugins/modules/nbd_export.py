@@ -192,7 +192,12 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.thinair.ovirt.plugins.module_utils import _nbd, _qemu
+from ansible_collections.thinair.ovirt.plugins.module_utils import (
+    _nbd,
+    _nbd_wire,
+    _qemu_img,
+    _qemu_nbd,
+)
 
 
 class NbdExport:
@@ -208,7 +213,7 @@ class NbdExport:
 
     def present(self):
         params = self.params
-        argv = _qemu.export_command(
+        argv = _qemu_nbd.export_command(
             params["image"],
             fmt=params["format"],
             readonly=params["readonly"],
@@ -219,8 +224,8 @@ class NbdExport:
             tls_certs=params["tls_certs"],
             shared=params["shared"],
         )
-        wanted = _qemu.Export(argv)
-        running = _qemu.find_export(self.endpoint)
+        wanted = _qemu_nbd.Export(argv)
+        running = _qemu_nbd.find_export(self.endpoint)
         if running is not None and running.argv == argv:
             return self._result(False, running)
         # Refuse a bad image before touching the running export. The image
@@ -228,19 +233,19 @@ class NbdExport:
         # stopped.
         verified = running is None or running.image != wanted.image
         if verified:
-            _qemu.verify(wanted)
+            _qemu_nbd.verify(wanted)
         result = {}
         export = wanted
         if running is not None:
             result["stopped_pid"] = running.pid
         if not self.module.check_mode:
             if running is not None:
-                _qemu.stop(running.pid)
+                _qemu_nbd.stop(running.pid)
             try:
-                export = _qemu.start(argv, verify_image=not verified)
-            except _qemu.QemuError as e:
+                export = _qemu_nbd.start(argv, verify_image=not verified)
+            except _qemu_img.QemuError as e:
                 if running is not None:
-                    raise _qemu.QemuError(
+                    raise _qemu_img.QemuError(
                         f"{e} (the export it replaces, pid {running.pid}, was stopped)"
                     ) from None
                 raise
@@ -249,11 +254,11 @@ class NbdExport:
         return result
 
     def absent(self):
-        running = _qemu.find_export(self.endpoint)
+        running = _qemu_nbd.find_export(self.endpoint)
         if running is None:
             return {"changed": False}
         if not self.module.check_mode:
-            _qemu.stop(running.pid)
+            _qemu_nbd.stop(running.pid)
         return {
             "changed": True,
             "stopped_pid": running.pid,
@@ -282,7 +287,9 @@ def _size(export):
     try:
         client = _nbd.Client(export.url, meta_contexts=())
     except _nbd.Error as e:
-        raise _qemu.QemuError(f"the export at {export.url} runs but does not answer: {e}") from e
+        raise _qemu_img.QemuError(
+            f"the export at {export.url} runs but does not answer: {e}"
+        ) from e
     try:
         return client.export_size
     finally:
@@ -312,7 +319,7 @@ def main():
                 "choices": ["raw", "qcow2", "vmdk", "vhdx", "vdi", "qed", "vpc"],
             },
             "address": {"type": "str", "default": "127.0.0.1"},
-            "port": {"type": "int", "default": _nbd.NBD_DEFAULT_PORT},
+            "port": {"type": "int", "default": _nbd_wire.NBD_DEFAULT_PORT},
             "socket": {"type": "path"},
             "export_name": {"type": "str", "default": ""},
             "tls_certs": {"type": "path"},
@@ -324,7 +331,7 @@ def main():
     )
     params = module.params
     image = params["image"]
-    if params["state"] == "present" and not (_qemu.is_nbd_url(image) or os.path.isabs(image)):
+    if params["state"] == "present" and not (_qemu_img.is_nbd_url(image) or os.path.isabs(image)):
         module.fail_json(msg=f"image must be an absolute path or an NBD URL, not '{image}'")
     if params["socket"] is not None and not os.path.isabs(params["socket"]):
         module.fail_json(msg=f"socket must be an absolute path, not '{params['socket']}'")
@@ -332,7 +339,7 @@ def main():
     export = NbdExport(module)
     try:
         result = export.present() if params["state"] == "present" else export.absent()
-    except (_qemu.QemuError, ValueError) as e:
+    except (_qemu_img.QemuError, ValueError) as e:
         module.fail_json(msg=str(e))
     module.exit_json(**result)
 

@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from ansible_collections.thinair.ovirt.plugins.module_utils import _qemu
+from ansible_collections.thinair.ovirt.plugins.module_utils import _qemu_nbd
 from lab.pki import Pki
 
 MiB = 1024**2
@@ -38,7 +38,7 @@ def assert_identical(source, url, objects=()):
 
 
 def live_pids():
-    return {e.pid for e in _qemu.find_exports()}
+    return {e.pid for e in _qemu_nbd.find_exports()}
 
 
 @pytest.fixture
@@ -59,9 +59,9 @@ def images(tmp_path):
 def no_export_left(tmp_path):
     """Fail a test that leaves an export of its files running, and stop it."""
     yield
-    left = [e for e in _qemu.find_exports() if str(tmp_path) in " ".join(e.argv)]
+    left = [e for e in _qemu_nbd.find_exports() if str(tmp_path) in " ".join(e.argv)]
     for export in left:
-        _qemu.stop(export.pid)
+        _qemu_nbd.stop(export.pid)
     assert left == []
 
 
@@ -107,7 +107,7 @@ def test_lifecycle(ansible, images):
     assert "stopped_pid" not in first
     assert first["diff"]["before"] == {}
     assert first["diff"]["after"]["url"] == first["url"]
-    assert _qemu.find_export(("tcp", "127.0.0.1", port)).pid == first["pid"]
+    assert _qemu_nbd.find_export(("tcp", "127.0.0.1", port)).pid == first["pid"]
 
     again = run(ansible, **args)
     assert again["changed"] is False
@@ -159,7 +159,7 @@ def test_lifecycle(ansible, images):
     assert gone["changed"] is True
     assert gone["stopped_pid"] == raw["pid"]
     assert raw["pid"] not in live_pids()
-    assert _qemu.find_export(("tcp", "127.0.0.1", port)) is None
+    assert _qemu_nbd.find_export(("tcp", "127.0.0.1", port)) is None
     with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port)):
         pass
 
@@ -252,7 +252,7 @@ def test_check_mode_changes_nothing(ansible, images):
     assert planned["pid"] is None
     assert planned["url"] == f"nbd://127.0.0.1:{port}/"
     assert planned["format"] == "qcow2"
-    assert _qemu.find_export(endpoint) is None
+    assert _qemu_nbd.find_export(endpoint) is None
 
     export = run(ansible, **args)
     assert export["command"] == planned["command"]
@@ -261,15 +261,15 @@ def test_check_mode_changes_nothing(ansible, images):
     different = run(ansible, check=True, readonly=False, **args)
     assert different["changed"] is True
     assert different["stopped_pid"] == export["pid"]
-    running = _qemu.find_export(endpoint)
+    running = _qemu_nbd.find_export(endpoint)
     assert (running.pid, running.argv) == (export["pid"], export["command"])
 
     absent = run(ansible, check=True, state="absent", port=port)
     assert absent["changed"] is True
-    assert _qemu.find_export(endpoint).pid == export["pid"]
+    assert _qemu_nbd.find_export(endpoint).pid == export["pid"]
 
     assert run(ansible, state="absent", port=port)["changed"] is True
-    assert _qemu.find_export(endpoint) is None
+    assert _qemu_nbd.find_export(endpoint) is None
 
 
 @pytest.fixture
@@ -308,7 +308,7 @@ def test_bad_image(ansible, tmp_path, images, truncated, case, message):
         result = run(ansible, check=check, **args)
         assert result["failed"] is True
         assert message.format(tmp=tmp_path) in result["msg"]
-        assert _qemu.find_export(("tcp", "127.0.0.1", port)) is None
+        assert _qemu_nbd.find_export(("tcp", "127.0.0.1", port)) is None
 
 
 def test_bad_endpoint(ansible, images, tmp_path):
@@ -346,7 +346,7 @@ def test_failed_restart_is_reported(ansible, images, tmp_path):
     assert f"cannot export image '{images['raw']}': qemu-nbd: " in result["msg"]
     assert f"(the export it replaces, pid {old['pid']}, was stopped)" in result["msg"]
     assert old["pid"] not in live_pids()
-    assert _qemu.find_export(("unix", sock)) is None
+    assert _qemu_nbd.find_export(("unix", sock)) is None
     assert not os.path.exists(sock)
 
 
@@ -356,6 +356,6 @@ def test_bad_new_image_keeps_running_export(ansible, images, tmp_path, truncated
     result = run(ansible, image=truncated, socket=sock)
     assert result["failed"] is True
     assert "is corrupt" in result["msg"]
-    assert _qemu.find_export(("unix", sock)).pid == old["pid"]
+    assert _qemu_nbd.find_export(("unix", sock)).pid == old["pid"]
     assert_identical(images["raw"], old["url"])
     assert run(ansible, state="absent", socket=sock)["changed"] is True

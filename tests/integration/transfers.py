@@ -15,7 +15,7 @@ import subprocess
 import threading
 import time
 
-from ansible_collections.thinair.ovirt.plugins.module_utils import _qemu
+from ansible_collections.thinair.ovirt.plugins.module_utils import _qemu_nbd
 
 MiB = 1024**2
 IMAGE_SIZE = 32 * MiB
@@ -169,7 +169,7 @@ def local_exports(tmp_path, keep_pids=()):
     """qemu-nbd servers on this machine serving one of our files."""
     return [
         e
-        for e in _qemu.find_exports()
+        for e in _qemu_nbd.find_exports()
         if e.pid not in keep_pids and str(tmp_path) in " ".join(e.argv)
     ]
 

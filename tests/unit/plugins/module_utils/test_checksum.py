@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from ovirt_imageio import client as imageio_client
 
-from ansible_collections.thinair.ovirt.plugins.module_utils import _checksum, _image, _qemu
+from ansible_collections.thinair.ovirt.plugins.module_utils import _checksum, _image, _qemu_img
 
 MiB = 1024**2
 
@@ -18,7 +18,7 @@ def images(tmp_path_factory):
     """The same guest data as raw, qcow2 and compressed qcow2, 9 MiB + 12 KiB."""
     tmp = tmp_path_factory.mktemp("checksum")
     qcow2 = str(tmp / "image.qcow2")
-    _qemu.create(qcow2, "qcow2", 9 * MiB + 12 * 1024)
+    _qemu_img.create(qcow2, "qcow2", 9 * MiB + 12 * 1024)
     subprocess.run(
         [
             "qemu-io",
@@ -45,7 +45,7 @@ def images(tmp_path_factory):
 
 
 def ours(image, **kwargs):
-    fmt = _qemu.info(image)["format"]
+    fmt = _qemu_img.info(image)["format"]
     with _image.open_endpoint(image, fmt) as endpoint:
         return _checksum.checksum(endpoint, **kwargs)
 

@@ -11,7 +11,14 @@ import threading
 
 import pytest
 
-from ansible_collections.thinair.ovirt.plugins.module_utils import _copy, _file, _image, _nbd, _qemu
+from ansible_collections.thinair.ovirt.plugins.module_utils import (
+    _copy,
+    _file,
+    _image,
+    _nbd,
+    _qemu_img,
+    _qemu_nbd,
+)
 from tests.helpers import qemu_io, running
 
 MiB = 1024**2
@@ -27,7 +34,7 @@ def compare(a, b):
 def qcow2_image(tmp_path):
     """A qcow2 with data, allocated zeros and holes, size not a multiple of 1 MiB."""
     path = str(tmp_path / "src.qcow2")
-    _qemu.create(path, "qcow2", 20 * MiB + 4096)
+    _qemu_img.create(path, "qcow2", 20 * MiB + 4096)
     qemu_io(
         path,
         "qcow2",
@@ -41,10 +48,10 @@ def qcow2_image(tmp_path):
 
 
 def copy_image(src_image, dst_image, dst_fmt="qcow2", is_zero=True, **kwargs):
-    src_fmt = _qemu.info(src_image)["format"]
+    src_fmt = _qemu_img.info(src_image)["format"]
     with (
-        _qemu.serve(src_image, fmt=src_fmt, readonly=True) as src_export,
-        _qemu.serve(dst_image, fmt=dst_fmt, readonly=False) as dst_export,
+        _qemu_nbd.serve(src_image, fmt=src_fmt, readonly=True) as src_export,
+        _qemu_nbd.serve(dst_image, fmt=dst_fmt, readonly=False) as dst_export,
     ):
         src = _copy.NbdEndpoint(src_export.url, allocation_depth=src_fmt != "raw")
         dst = _copy.NbdEndpoint(dst_export.url, is_zero=is_zero)
@@ -66,7 +73,7 @@ def test_copy_to_new_qcow2(tmp_path, qcow2_image, src_fmt, workers):
     else:
         src = qcow2_image
     dst = str(tmp_path / "dst.qcow2")
-    _qemu.create(dst, "qcow2", _qemu.info(src)["virtual-size"])
+    _qemu_img.create(dst, "qcow2", _qemu_img.info(src)["virtual-size"])
 
     stats = copy_image(src, dst, workers=workers, request_size=1 * MiB)
 
@@ -99,10 +106,10 @@ def test_copy_over_existing_data_zeroes_holes(tmp_path, qcow2_image):
 
 def test_copy_keeps_backing_chain_data(tmp_path, qcow2_image):
     top = str(tmp_path / "top.qcow2")
-    _qemu.create(top, "qcow2", 20 * MiB + 4096, backing=qcow2_image, backing_fmt="qcow2")
+    _qemu_img.create(top, "qcow2", 20 * MiB + 4096, backing=qcow2_image, backing_fmt="qcow2")
     qemu_io(top, "qcow2", "write -P 0x33 512k 1M", "write -z 12M 1M")
     dst = str(tmp_path / "dst.qcow2")
-    _qemu.create(dst, "qcow2", 20 * MiB + 4096)
+    _qemu_img.create(dst, "qcow2", 20 * MiB + 4096)
 
     copy_image(top, dst)
 
@@ -115,9 +122,9 @@ def test_copy_from_nbdkit_sparse_random(tmp_path):
     cmd = ["nbdkit", "-f", "-U", sock, "--exit-with-parent", "sparse-random", "size=64M",
            "percent=20", "runlength=262144", "seed=7"]  # fmt: skip
     dst_image = str(tmp_path / "dst.qcow2")
-    _qemu.create(dst_image, "qcow2", 64 * MiB)
+    _qemu_img.create(dst_image, "qcow2", 64 * MiB)
     with running(cmd, sock):
-        with _qemu.serve(dst_image, fmt="qcow2", readonly=False) as export:
+        with _qemu_nbd.serve(dst_image, fmt="qcow2", readonly=False) as export:
             src = _copy.NbdEndpoint(url)
             dst = _copy.NbdEndpoint(export.url, is_zero=True)
             try:
@@ -139,12 +146,12 @@ def test_nbd_requests_are_split(tmp_path):
     cmd = ["nbdkit", "-f", "-U", sock, "--exit-with-parent", "--filter=log", "sparse-random",
            "size=64M", "percent=50", "runlength=16777216", "seed=3", f"logfile={log}"]  # fmt: skip
     dst_image = str(tmp_path / "dst.raw")
-    _qemu.create(dst_image, "raw", 64 * MiB)
+    _qemu_img.create(dst_image, "raw", 64 * MiB)
     url = f"nbd+unix:///?socket={sock}"
     with running(cmd, sock):
         src = _copy.NbdEndpoint(url)
         try:
-            with _qemu.serve(dst_image, fmt="raw", readonly=False) as export:
+            with _qemu_nbd.serve(dst_image, fmt="raw", readonly=False) as export:
                 dst = _copy.NbdEndpoint(export.url, is_zero=True)
                 try:
                     stats = _copy.copy(src, dst, workers=2, request_size=8 * MiB)
@@ -167,9 +174,9 @@ def test_source_read_error_stops_every_worker(tmp_path):
     cmd = ["nbdkit", "-f", "-U", sock, "--exit-with-parent", "--filter=error", "pattern",
            "size=32M", "error-pread=EIO", "error-pread-rate=1"]  # fmt: skip
     dst_image = str(tmp_path / "dst.qcow2")
-    _qemu.create(dst_image, "qcow2", 32 * MiB)
+    _qemu_img.create(dst_image, "qcow2", 32 * MiB)
     threads_before = threading.active_count()
-    with running(cmd, sock), _qemu.serve(dst_image, fmt="qcow2", readonly=False) as export:
+    with running(cmd, sock), _qemu_nbd.serve(dst_image, fmt="qcow2", readonly=False) as export:
         src = _copy.NbdEndpoint(f"nbd+unix:///?socket={sock}")
         dst = _copy.NbdEndpoint(export.url, is_zero=True)
         try:
@@ -183,7 +190,7 @@ def test_source_read_error_stops_every_worker(tmp_path):
 
 def test_destination_too_small(tmp_path, qcow2_image):
     dst = str(tmp_path / "small.qcow2")
-    _qemu.create(dst, "qcow2", 10 * MiB)
+    _qemu_img.create(dst, "qcow2", 10 * MiB)
     with pytest.raises(_copy.CopyError, match=r"needs 20975616 bytes .* holds only 10485760"):
         copy_image(qcow2_image, dst)
 
@@ -191,8 +198,8 @@ def test_destination_too_small(tmp_path, qcow2_image):
 def test_empty_8t_image_is_skipped(tmp_path):
     src = str(tmp_path / "empty.qcow2")
     dst = str(tmp_path / "dst.qcow2")
-    _qemu.create(src, "qcow2", 8 * TiB)
-    _qemu.create(dst, "qcow2", 8 * TiB)
+    _qemu_img.create(src, "qcow2", 8 * TiB)
+    _qemu_img.create(dst, "qcow2", 8 * TiB)
     progress = []
 
     stats = copy_image(src, dst, progress=lambda s: progress.append(s.done))
@@ -205,7 +212,7 @@ def test_empty_8t_image_is_skipped(tmp_path):
 
 
 def test_extents_are_merged_and_cover_the_image(qcow2_image):
-    with _qemu.serve(qcow2_image, fmt="qcow2") as export:
+    with _qemu_nbd.serve(qcow2_image, fmt="qcow2") as export:
         endpoint = _copy.NbdEndpoint(export.url, allocation_depth=True)
         try:
             extents = list(endpoint.extents())
@@ -240,6 +247,6 @@ def test_copy_between_files(tmp_path, qcow2_image, dst_fmt, request_size):
     # As qemu-nbd counts them (test_copy_to_new_qcow2).
     assert stats.data_bytes == 6 * MiB + 64 * 1024 + 4096
     if dst_fmt == "qcow2":
-        check = _qemu.check(dst, fmt="qcow2")
+        check = _qemu_img.check(dst, fmt="qcow2")
         assert check["check-errors"] == 0
         assert check.get("leaks", 0) == 0

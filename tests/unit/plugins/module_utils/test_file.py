@@ -23,7 +23,8 @@ from ansible_collections.thinair.ovirt.plugins.module_utils import (
     _file,
     _image,
     _qcow2,
-    _qemu,
+    _qemu_img,
+    _qemu_nbd,
 )
 from tests.helpers import qemu_io
 from tests.unit.conftest import child_pids, open_fds
@@ -102,15 +103,15 @@ def images(tmp_path_factory):
 
     # A backing file whose data the top layer covers or leaves as zeros.
     empty = str(d / "empty-base.qcow2")
-    _qemu.create(empty, "qcow2", SIZE)
+    _qemu_img.create(empty, "qcow2", SIZE)
     unused = convert("qcow2-backing-unused", "-O", "qcow2", "-B", empty, "-F", "qcow2")
-    assert _qemu.info(unused)["backing-filename"] == empty
+    assert _qemu_img.info(unused)["backing-filename"] == empty
 
     base = str(d / "base.qcow2")
-    _qemu.create(base, "qcow2", SIZE)
+    _qemu_img.create(base, "qcow2", SIZE)
     qemu_io(base, "qcow2", "write -P 0x61 2M 1M", "write -P 0x62 12M 64k")
     top = str(d / "qcow2-backing")
-    _qemu.create(top, "qcow2", SIZE, backing=base, backing_fmt="qcow2")
+    _qemu_img.create(top, "qcow2", SIZE, backing=base, backing_fmt="qcow2")
     qemu_io(top, "qcow2", "write -P 0x63 0 64k", "write -z 12M 32k")
     paths["qcow2-backing"] = top
     return paths
@@ -132,7 +133,7 @@ def compare(a, b):
 
 def check_clean(path):
     """qemu-img check finds neither corruption nor leaks."""
-    result = _qemu.check(path, fmt="qcow2")
+    result = _qemu_img.check(path, fmt="qcow2")
     assert result["check-errors"] == 0
     assert result.get("corruptions", 0) == 0
     assert result.get("leaks", 0) == 0
@@ -175,7 +176,7 @@ def test_open_endpoint_copies_every_image(images, tmp_path, name, dst_fmt):
     with _image.open_endpoint(image, None) as src:
         expected = _file.FileReader if IMAGES[name] == DIRECT else _copy.NbdEndpoint
         assert isinstance(src, expected)
-        assert src.size == _qemu.info(image)["virtual-size"]
+        assert src.size == _qemu_img.info(image)["virtual-size"]
         with _image.create_endpoint(out, dst_fmt, src.size) as dst:
             assert isinstance(dst, _qcow2.Qcow2Writer if dst_fmt == "qcow2" else _file.RawWriter)
             stats = _copy.copy(src, dst, workers=4, request_size=1 * MiB)
@@ -191,12 +192,12 @@ def test_open_endpoint_copies_every_image(images, tmp_path, name, dst_fmt):
 @pytest.mark.parametrize("name", [n for n, how in IMAGES.items() if how == DIRECT])
 def test_extents_match_qemu_nbd(images, name):
     image = images[name]
-    info = _qemu.info(image)
+    info = _qemu_img.info(image)
     fmt = info["format"]
     # qemu-nbd calls the whole last sector data, though the file may end
     # inside it; the reader calls the bytes past the end zeros.
     end = info["virtual-size"] // (4 * KiB) * (4 * KiB)
-    with _image.open_endpoint(image, fmt) as direct, _qemu.serve(image, fmt=fmt) as export:
+    with _image.open_endpoint(image, fmt) as direct, _qemu_nbd.serve(image, fmt=fmt) as export:
         nbd = _copy.NbdEndpoint(export.url, allocation_depth=fmt != "raw")
         try:
             assert layout(direct.extents(0, end)) == layout(nbd.extents(0, end))
@@ -318,8 +319,8 @@ def test_image_in_use_by_a_writer_is_refused(images, tmp_path):
     image = str(tmp_path / "in-use.qcow2")
     subprocess.run(["cp", images["qcow2"], image], check=True)
     with (
-        _qemu.serve(image, fmt="qcow2", readonly=False),
-        pytest.raises(_qemu.QemuError, match='Failed to get shared "write" lock'),
+        _qemu_nbd.serve(image, fmt="qcow2", readonly=False),
+        pytest.raises(_qemu_img.QemuError, match='Failed to get shared "write" lock'),
         _image.open_endpoint(image, "qcow2"),
     ):
         pytest.fail("a written image must not be read")
@@ -327,7 +328,10 @@ def test_image_in_use_by_a_writer_is_refused(images, tmp_path):
 
 def test_missing_image(tmp_path):
     missing = str(tmp_path / "missing.qcow2")
-    with pytest.raises(_qemu.QemuError, match="no such file"), _image.open_endpoint(missing, None):
+    with (
+        pytest.raises(_qemu_img.QemuError, match="no such file"),
+        _image.open_endpoint(missing, None),
+    ):
         pytest.fail("nothing to read")
 
 
@@ -335,13 +339,16 @@ def test_truncated_qcow2_is_refused(images, tmp_path):
     image = str(tmp_path / "truncated.qcow2")
     with open(images["qcow2"], "rb") as f, open(image, "wb") as out:
         out.write(f.read(2 * MiB))
-    with pytest.raises(_qemu.QemuError, match="is corrupt"), _image.open_endpoint(image, "qcow2"):
+    with (
+        pytest.raises(_qemu_img.QemuError, match="is corrupt"),
+        _image.open_endpoint(image, "qcow2"),
+    ):
         pytest.fail("a truncated image must not be read")
 
 
 def test_wrong_format(images):
     with (
-        pytest.raises(_qemu.QemuError, match="Image is not in qcow2 format"),
+        pytest.raises(_qemu_img.QemuError, match="Image is not in qcow2 format"),
         _image.open_endpoint(images["raw"], "qcow2"),
     ):
         pytest.fail("a raw image is not qcow2")
@@ -414,7 +421,7 @@ def test_writer_unaligned_and_repeated_writes(tmp_path, fmt):
         writer.close()
     if fmt == "qcow2":
         check_clean(path)
-        assert _qemu.info(path)["virtual-size"] == size
+        assert _qemu_img.info(path)["virtual-size"] == size
     assert raw_bytes(path, tmp_path) == model.data
 
 
@@ -431,7 +438,7 @@ def test_qcow2_writer_crosses_a_refcount_block(tmp_path):
     finally:
         writer.close()
     check_clean(path)
-    info = _qemu.info(path)
+    info = _qemu_img.info(path)
     assert info["virtual-size"] == size
     assert os.path.getsize(path) > 2 * GiB
     for i in (0, 32700, 32767, 32768, clusters - 1):
@@ -455,10 +462,10 @@ def test_qcow2_writer_empty_8t(tmp_path):
     with _image.create_endpoint(path, "qcow2", 8 * TiB) as dst:
         assert list(dst.extents()) == [_copy.Extent(0, 8 * TiB, True, True)]
     check_clean(path)
-    assert _qemu.info(path)["virtual-size"] == 8 * TiB
+    assert _qemu_img.info(path)["virtual-size"] == 8 * TiB
     assert os.path.getsize(path) < 1 * MiB
     empty = str(tmp_path / "reference.qcow2")
-    _qemu.create(empty, "qcow2", 8 * TiB)
+    _qemu_img.create(empty, "qcow2", 8 * TiB)
     compare(empty, path)
 
 

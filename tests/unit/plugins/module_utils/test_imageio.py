@@ -26,7 +26,8 @@ from ansible_collections.thinair.ovirt.plugins.module_utils import (
     _file,
     _image,
     _imageio,
-    _qemu,
+    _qemu_img,
+    _qemu_nbd,
 )
 from lab.pki import Pki
 from tests.helpers import qemu_io
@@ -67,7 +68,7 @@ def no_leaks(imageio_lab):
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("imageio") / "source.qcow2")
-    _qemu.create(path, "qcow2", IMAGE_SIZE)
+    _qemu_img.create(path, "qcow2", IMAGE_SIZE)
     writes = [f"write -P {pattern:#x} {start} {length}" for start, length, pattern in DATA]
     writes += [f"write -z {start} {length}" for start, length in ALLOCATED_ZEROS]
     qemu_io(path, "qcow2", *writes)
@@ -151,7 +152,7 @@ def test_upload(imageio_lab, make_ticket, source, route):
     if route == "proxy":
         transfer_url = unreachable(transfer_url)
     with (
-        _qemu.serve(source, fmt="qcow2") as export,
+        _qemu_nbd.serve(source, fmt="qcow2") as export,
         contextlib.closing(_copy.NbdEndpoint(export.url, allocation_depth=True)) as src,
         endpoint(imageio_lab, ticket, transfer_url=transfer_url, is_zero=True) as dst,
     ):
@@ -255,7 +256,7 @@ def test_upload_qcow2_to_file_ticket(imageio_lab, make_ticket, source):
     capacity = (size + 4 * KiB - 1) // (4 * KiB) * (4 * KiB)
     ticket = make_ticket(imageio_lab.host, capacity, fmt="raw", backend="file")
     with (
-        _qemu.serve(source, fmt="raw") as export,
+        _qemu_nbd.serve(source, fmt="raw") as export,
         contextlib.closing(_copy.NbdEndpoint(export.url)) as src,
         endpoint(imageio_lab, ticket, is_zero=True) as dst,
     ):
@@ -356,7 +357,7 @@ def test_write_from_short_file(imageio_lab, make_ticket, tmp_path, unix_socket):
 def test_download(imageio_lab, make_ticket, source, tmp_path, route):
     ticket = make_ticket(host_for(imageio_lab, route), IMAGE_SIZE, ops=("read",), image=source)
     target = str(tmp_path / "download.qcow2")
-    _qemu.create(target, "qcow2", IMAGE_SIZE)
+    _qemu_img.create(target, "qcow2", IMAGE_SIZE)
     with endpoint(imageio_lab, ticket) as src:
         assert src.used == route
         assert not src.writable
@@ -368,7 +369,7 @@ def test_download(imageio_lab, make_ticket, source, tmp_path, route):
         zeros = list(src.extents(9 * MiB, 1 * MiB))
         assert zeros == [_copy.Extent(9 * MiB, 1 * MiB, True, False)]
         with (
-            _qemu.serve(target, fmt="qcow2", readonly=False) as export,
+            _qemu_nbd.serve(target, fmt="qcow2", readonly=False) as export,
             contextlib.closing(_copy.NbdEndpoint(export.url, is_zero=True)) as dst,
         ):
             stats = _copy.copy(src, dst, workers=4)
@@ -391,7 +392,7 @@ def test_download_to_file(imageio_lab, make_ticket, source, tmp_path, route, fmt
     assert stats.data_bytes == DATA_BYTES
     subprocess.run(["qemu-img", "compare", "-q", "-F", fmt, source, target], check=True)
     if fmt == "qcow2":
-        result = _qemu.check(target, fmt="qcow2")
+        result = _qemu_img.check(target, fmt="qcow2")
         assert result["check-errors"] == 0
         assert result.get("leaks", 0) == 0
     assert written == theirs == imageio_client.checksum(source)

@@ -15,17 +15,19 @@ import time
 
 import pytest
 
-from ansible_collections.thinair.ovirt.plugins.module_utils import _nbd
-from ansible_collections.thinair.ovirt.plugins.module_utils._nbd import (
+from ansible_collections.thinair.ovirt.plugins.module_utils import _nbd, _nbd_wire
+from ansible_collections.thinair.ovirt.plugins.module_utils._nbd import Client
+from ansible_collections.thinair.ovirt.plugins.module_utils._nbd_url import (
+    Address,
+    format_url,
+    parse_url,
+)
+from ansible_collections.thinair.ovirt.plugins.module_utils._nbd_wire import (
     BASE_ALLOCATION,
     NBD_STATE_DIRTY,
     NBD_STATE_HOLE,
     NBD_STATE_ZERO,
     QEMU_ALLOCATION_DEPTH,
-    Address,
-    Client,
-    format_url,
-    parse_url,
 )
 from tests.unit.conftest import child_pids, free_port, open_fds
 
@@ -484,7 +486,7 @@ def test_large_requests_are_split(nbd_servers):
 
         with pytest.raises(_nbd.RequestError, match="not aligned") as e:
             client.read(512, 4 * KiB)
-        assert e.value.errno == _nbd.NBD_EINVAL
+        assert e.value.errno == _nbd_wire.NBD_EINVAL
         with pytest.raises(_nbd.RequestError, match="past the end of the export"):
             client.write(4 * MiB - 4 * KiB, bytes(8 * KiB))
         assert client.read(4 * MiB - 4 * KiB, 4 * KiB) == bytes(4 * KiB)
@@ -563,7 +565,7 @@ def test_plain_client_tls_server(tmp_path, nbd_servers, tls_certs):
     plain_url = server.url.replace("nbds://", "nbd://")
     with pytest.raises(_nbd.OptionError, match="requires TLS: use an nbds://") as e:
         Client(plain_url)
-    assert e.value.reply_type == _nbd.NBD_REP_ERR_TLS_REQD
+    assert e.value.reply_type == _nbd_wire.NBD_REP_ERR_TLS_REQD
     assert plain_url in str(e.value)
 
 
@@ -573,7 +575,7 @@ def test_tls_client_plain_server(tmp_path, nbd_servers, tls_certs):
     tls_url = server.url.replace("nbd://", "nbds://")
     with pytest.raises(_nbd.OptionError, match="refused TLS") as e:
         Client(tls_url, tls_certs=tls_certs.client)
-    assert e.value.option == _nbd.NBD_OPT_STARTTLS
+    assert e.value.option == _nbd_wire.NBD_OPT_STARTTLS
     assert tls_url in str(e.value)
     # The server still serves plain clients.
     with Client(server.url) as client:
@@ -658,7 +660,7 @@ def test_nbdkit_data(nbd_servers):
         assert client.read(0, 8 * KiB) == expected
         with pytest.raises(_nbd.RequestError, match="read-only") as e:
             client.write(0, b"x")
-        assert e.value.errno == _nbd.NBD_EPERM
+        assert e.value.errno == _nbd_wire.NBD_EPERM
         with pytest.raises(_nbd.RequestError, match="read-only"):
             client.zero(0, 4 * KiB)
         assert client.read(0, 3) == b"\x01\x02\x03"
@@ -678,7 +680,7 @@ def test_nbdkit_error_filter(tmp_path, nbd_servers):
         client.write(0, pattern(1, 64 * KiB))
         with pytest.raises(_nbd.RequestError) as e:
             client.read(0, 64 * KiB)
-        assert e.value.errno == _nbd.NBD_EIO
+        assert e.value.errno == _nbd_wire.NBD_EIO
         assert (e.value.offset, e.value.length) == (0, 64 * KiB)
         assert "EIO (input/output error)" in str(e.value)
         assert server.url in str(e.value)
@@ -690,7 +692,7 @@ def test_nbdkit_error_filter(tmp_path, nbd_servers):
         for i, handle in enumerate(reads):
             with pytest.raises(_nbd.RequestError) as e:
                 client.wait(handle)
-            assert (e.value.errno, e.value.offset) == (_nbd.NBD_EIO, i * 4 * KiB)
+            assert (e.value.errno, e.value.offset) == (_nbd_wire.NBD_EIO, i * 4 * KiB)
         for i in range(4):
             client.submit_read(i * 4 * KiB, bytearray(4 * KiB))
         with pytest.raises(_nbd.RequestError, match="EIO"):
@@ -717,7 +719,7 @@ def test_nbdkit_error_filter_simple_replies(nbd_servers):
         assert not client.structured_replies
         with pytest.raises(_nbd.RequestError, match="ENOSPC") as e:
             client.write(0, pattern(1, 4 * KiB))
-        assert e.value.errno == _nbd.NBD_ENOSPC
+        assert e.value.errno == _nbd_wire.NBD_ENOSPC
         client.zero(0, 8 * KiB)
         assert client.read(0, 8 * KiB) == bytes(8 * KiB)
 
@@ -730,7 +732,7 @@ def test_server_shutting_down(nbd_servers):
     try:
         with pytest.raises(_nbd.RequestError, match="ESHUTDOWN") as e:
             client.read(0, 4 * KiB)
-        assert e.value.errno == _nbd.NBD_ESHUTDOWN
+        assert e.value.errno == _nbd_wire.NBD_ESHUTDOWN
         # The spec asks the client to disconnect: no new requests.
         with pytest.raises(_nbd.ProtocolError, match="shutting down"):
             client.write(0, b"x")
@@ -817,7 +819,7 @@ def test_zero_without_write_zeroes(tmp_path, nbd_servers):
         assert client.read(0, 3 * MiB) == expected
         with pytest.raises(_nbd.RequestError, match="cannot zero fast") as e:
             client.zero(0, 4 * KiB, fast=True)
-        assert e.value.errno == _nbd.NBD_ENOTSUP
+        assert e.value.errno == _nbd_wire.NBD_ENOTSUP
     # Zeros went out as 1 MiB writes.
     assert [name for name, _flags in requests_logged(log)] == ["Write"] * 4 + ["Read"]
 
@@ -838,7 +840,7 @@ def test_fast_zero(nbd_servers):
         client.write(0, pattern(1, 64 * KiB))
         with pytest.raises(_nbd.RequestError, match="ENOTSUP") as e:
             client.zero(0, 64 * KiB, fast=True)
-        assert e.value.errno == _nbd.NBD_ENOTSUP
+        assert e.value.errno == _nbd_wire.NBD_ENOTSUP
         assert client.read(0, 64 * KiB) == pattern(1, 64 * KiB)
         client.zero(0, 64 * KiB)
         assert client.read(0, 64 * KiB) == bytes(64 * KiB)
@@ -912,7 +914,7 @@ def test_unknown_export(tmp_path, nbd_servers):
     with pytest.raises(_nbd.OptionError) as e:
         Client(wrong)
     assert str(e.value).startswith(f"export 'nope' not found on {wrong}")
-    assert e.value.reply_type == _nbd.NBD_REP_ERR_UNKNOWN
+    assert e.value.reply_type == _nbd_wire.NBD_REP_ERR_UNKNOWN
     with Client(server.url, export="disk") as client:
         assert client.export_size == IMAGE_SIZE
 

@@ -1,7 +1,7 @@
 # Copyright: thinair.ovirt contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 
-"""_qemu against the real qemu-img and qemu-nbd."""
+"""_qemu_img and _qemu_nbd against the real qemu-img and qemu-nbd."""
 
 from __future__ import annotations
 
@@ -20,7 +20,12 @@ import time
 
 import pytest
 
-from ansible_collections.thinair.ovirt.plugins.module_utils import _nbd, _qemu
+from ansible_collections.thinair.ovirt.plugins.module_utils import (
+    _nbd,
+    _nbd_url,
+    _qemu_img,
+    _qemu_nbd,
+)
 from lab.pki import Pki
 
 KiB = 1024
@@ -75,7 +80,7 @@ def images(tmp_path_factory):
     iso = d / "disc.iso"
     shutil.copyfile(src, iso)
     with open(iso, "r+b") as f:
-        f.seek(_qemu.ISO_DESCRIPTOR_OFFSET)
+        f.seek(_qemu_img.ISO_DESCRIPTOR_OFFSET)
         f.write(b"\x01CD001\x01\x00")
     paths["iso"] = str(iso)
     paths["src"] = str(src)
@@ -159,7 +164,7 @@ def tls_objects(directory):
 
 def tls_url_image(url):
     """A json: filename reading a TLS NBD URL with qemu's own client (object tls0)."""
-    address = _nbd.parse_url(url)
+    address = _nbd_url.parse_url(url)
     if address.transport == "unix":
         server = {"type": "unix", "path": address.path}
     else:
@@ -190,7 +195,7 @@ def exports():
     started = []
     yield started
     for export in started:
-        _qemu.stop(export.pid)
+        _qemu_nbd.stop(export.pid)
 
 
 # info, measure, check
@@ -198,20 +203,20 @@ def exports():
 
 @pytest.mark.parametrize("name", IMAGES)
 def test_info(images, name):
-    result = _qemu.info(images[name])
+    result = _qemu_img.info(images[name])
     assert result["format"] == expected_format(name)
     assert result["virtual-size"] == SIZE
     assert result["filename"] == images[name]
 
 
 def test_info_compressed_qcow2_has_compressed_clusters(images):
-    assert _qemu.check(images["qcow2-compressed"])["compressed-clusters"] > 0
+    assert _qemu_img.check(images["qcow2-compressed"])["compressed-clusters"] > 0
 
 
 def test_info_given_format(images):
-    assert _qemu.info(images["qcow2"], fmt="raw")["format"] == "raw"
-    with pytest.raises(_qemu.QemuError) as e:
-        _qemu.info(images["src"], fmt="qcow2")
+    assert _qemu_img.info(images["qcow2"], fmt="raw")["format"] == "raw"
+    with pytest.raises(_qemu_img.QemuError) as e:
+        _qemu_img.info(images["src"], fmt="qcow2")
     assert str(e.value).startswith(f"cannot read image '{images['src']}': qemu-img: ")
     assert "Image is not in qcow2 format" in str(e.value)
 
@@ -219,9 +224,9 @@ def test_info_given_format(images):
 def test_info_backing_chain(tmp_path, images):
     base = tmp_path / "base.qcow2"
     top = tmp_path / "top.qcow2"
-    _qemu.create(str(base), "qcow2", SIZE)
-    _qemu.create(str(top), "qcow2", None, backing="base.qcow2")
-    result = _qemu.info(str(top), backing_chain=True)
+    _qemu_img.create(str(base), "qcow2", SIZE)
+    _qemu_img.create(str(top), "qcow2", None, backing="base.qcow2")
+    result = _qemu_img.info(str(top), backing_chain=True)
     assert result["format"] == "qcow2"
     assert result["backing-filename"] == "base.qcow2"
     assert [i["filename"] for i in result["chain"]] == [str(top), str(base)]
@@ -230,18 +235,18 @@ def test_info_backing_chain(tmp_path, images):
 @pytest.mark.parametrize("name", IMAGES)
 def test_measure(images, name):
     data = sum(length for _offset, length in DATA)
-    reference = _qemu.measure(images["src"], "qcow2")
-    qcow2 = _qemu.measure(images[name], "qcow2")
+    reference = _qemu_img.measure(images["src"], "qcow2")
+    qcow2 = _qemu_img.measure(images[name], "qcow2")
     assert data <= qcow2["required"] <= qcow2["fully-allocated"]
     # A preallocated target depends on the virtual size only.
     assert qcow2["fully-allocated"] == reference["fully-allocated"]
-    raw = _qemu.measure(images[name], "raw")
+    raw = _qemu_img.measure(images[name], "raw")
     assert raw["required"] == raw["fully-allocated"] == SIZE
 
 
 @pytest.mark.parametrize("name", IMAGES)
 def test_check(images, name):
-    result = _qemu.check(images[name])
+    result = _qemu_img.check(images[name])
     if expected_format(name) == "raw":
         assert result == {"filename": images[name], "format": None, "checked": False}
     else:
@@ -267,7 +272,7 @@ def test_check_reports_leaks_without_failing(tmp_path, images):
         f.truncate((leaked + 1) * cluster_size)
         f.seek(block_offset + 2 * leaked)
         f.write(struct.pack(">H", 1))
-    result = _qemu.check(str(path))
+    result = _qemu_img.check(str(path))
     assert result["checked"] is True
     assert result["leaks"] == 1
     assert result.get("corruptions", 0) == 0
@@ -277,16 +282,16 @@ def test_check_reports_leaks_without_failing(tmp_path, images):
 
 
 def test_info_measure_check_nbd_url(images):
-    with _qemu.serve(images["qcow2"]) as export:
-        assert _qemu.info(export.url)["format"] == "raw"
-        assert _qemu.info(export.url)["virtual-size"] == SIZE
-        assert _qemu.measure(export.url, "qcow2")["fully-allocated"] >= SIZE
-        assert _qemu.check(export.url)["checked"] is False
+    with _qemu_nbd.serve(images["qcow2"]) as export:
+        assert _qemu_img.info(export.url)["format"] == "raw"
+        assert _qemu_img.info(export.url)["virtual-size"] == SIZE
+        assert _qemu_img.measure(export.url, "qcow2")["fully-allocated"] >= SIZE
+        assert _qemu_img.check(export.url)["checked"] is False
 
 
 def test_info_legacy_nbd_url(images):
-    with _qemu.serve(images["src"]) as export:
-        result = _qemu.info(f"nbd:unix:{export.socket}")
+    with _qemu_nbd.serve(images["src"]) as export:
+        result = _qemu_img.info(f"nbd:unix:{export.socket}")
         assert result["virtual-size"] == SIZE
 
 
@@ -295,7 +300,7 @@ def test_info_legacy_nbd_url(images):
 
 @pytest.mark.parametrize("name", IMAGES)
 def test_serve(images, private_tmp, name):
-    with _qemu.serve(images[name]) as export:
+    with _qemu_nbd.serve(images[name]) as export:
         assert export.format == expected_format(name)
         assert export.url == f"nbd+unix:///?socket={export.socket}"
         assert export.export_name == ""
@@ -312,15 +317,15 @@ def test_serve(images, private_tmp, name):
 
 
 def test_serve_nbd_url(images):
-    with _qemu.serve(images["vmdk"]) as inner, _qemu.serve(inner.url) as outer:
+    with _qemu_nbd.serve(images["vmdk"]) as inner, _qemu_nbd.serve(inner.url) as outer:
         assert outer.format == "raw"
         assert "--cache=writeback" in outer.argv
         assert_identical(images["src"], outer.url)
 
 
 def test_serve_export_name(images):
-    with _qemu.serve(images["qcow2"], export_name="disk 1/é") as export:
-        assert _nbd.parse_url(export.url).export == "disk 1/é"
+    with _qemu_nbd.serve(images["qcow2"], export_name="disk 1/é") as export:
+        assert _nbd_url.parse_url(export.url).export == "disk 1/é"
         assert_identical(images["src"], export.url)
 
 
@@ -330,7 +335,7 @@ def test_serve_writable(tmp_path, images):
     shutil.copyfile(images["qcow2"], image)
     shutil.copyfile(images["src"], expected)
     write = "write -P 0xab 1536k 128k"
-    with _qemu.serve(str(image), readonly=False) as export:
+    with _qemu_nbd.serve(str(image), readonly=False) as export:
         assert not export.readonly
         subprocess.run(["qemu-io", "-f", "raw", "-c", write, export.url], check=True)
     subprocess.run(["qemu-io", "-f", "raw", "-c", write, expected], check=True)
@@ -340,7 +345,7 @@ def test_serve_writable(tmp_path, images):
 def test_serve_readonly_refuses_writes(tmp_path, images):
     image = tmp_path / "disk.qcow2"
     shutil.copyfile(images["qcow2"], image)
-    with _qemu.serve(str(image)) as export:
+    with _qemu_nbd.serve(str(image)) as export:
         proc = subprocess.run(
             ["qemu-io", "-f", "raw", "-c", "write -P 0xab 0 64k", export.url],
             capture_output=True,
@@ -355,13 +360,13 @@ def test_serve_readonly_refuses_writes(tmp_path, images):
 def test_serve_allocation_depth(tmp_path):
     base = tmp_path / "base.qcow2"
     top = tmp_path / "top.qcow2"
-    _qemu.create(str(base), "qcow2", SIZE)
+    _qemu_img.create(str(base), "qcow2", SIZE)
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 0 1M", base], check=True)
-    _qemu.create(str(top), "qcow2", None, backing=str(base))
+    _qemu_img.create(str(top), "qcow2", None, backing=str(base))
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 2 2M 1M", top], check=True)
     depth = "qemu:allocation-depth"
 
-    with _qemu.serve(str(top)) as export:
+    with _qemu_nbd.serve(str(top)) as export:
         assert "--allocation-depth" in export.argv
         with _nbd.Client(export.url, meta_contexts=(depth,)) as client:
             extents = client.extents(0, SIZE)[depth]
@@ -369,50 +374,50 @@ def test_serve_allocation_depth(tmp_path):
     assert extents == [(MiB, 2), (MiB, 0), (MiB, 1), (MiB, 0)]
 
     with (
-        _qemu.serve(str(top), allocation_depth=False) as export,
+        _qemu_nbd.serve(str(top), allocation_depth=False) as export,
         _nbd.Client(export.url, meta_contexts=(depth,)) as client,
     ):
         assert depth not in client.contexts
 
 
 def test_serve_raw_has_no_allocation_depth(images):
-    with _qemu.serve(images["src"]) as export:
+    with _qemu_nbd.serve(images["src"]) as export:
         assert "--allocation-depth" not in export.argv
 
 
 def test_serve_cache_modes(images, tmp_path):
     # A read-only export reads through the page cache, as qemu-img convert
     # reads its source.
-    with _qemu.serve(images["qcow2"]) as export:
+    with _qemu_nbd.serve(images["qcow2"]) as export:
         assert "--cache=writeback" in export.argv
         assert "--aio=threads" in export.argv
         assert_identical(images["src"], export.url)
     # A writable export on a disk file system (where O_DIRECT works) writes
     # straight to storage, as vdsm runs qemu-nbd.
     target = tmp_path / "target.qcow2"
-    _qemu.create(str(target), "qcow2", 1024**2)
-    with _qemu.serve(str(target), readonly=False) as export:
+    _qemu_img.create(str(target), "qcow2", 1024**2)
+    with _qemu_nbd.serve(str(target), readonly=False) as export:
         assert "--cache=none" in export.argv
         assert "--aio=native" in export.argv
 
 
 def test_serve_keeps_request_buffers(images, monkeypatch):
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
-    tunables = _qemu._qemu_nbd_environment()["GLIBC_TUNABLES"].split(":")
+    tunables = _qemu_nbd._qemu_nbd_environment()["GLIBC_TUNABLES"].split(":")
     # The user's own tunables come last and win.
-    assert tunables == [*_qemu.QEMU_NBD_MALLOC_TUNABLES, "glibc.malloc.arena_max=2"]
-    with _qemu.serve(images["qcow2"]) as export, open(f"/proc/{export.pid}/environ", "rb") as f:
+    assert tunables == [*_qemu_nbd.QEMU_NBD_MALLOC_TUNABLES, "glibc.malloc.arena_max=2"]
+    with _qemu_nbd.serve(images["qcow2"]) as export, open(f"/proc/{export.pid}/environ", "rb") as f:
         environ = f.read().split(b"\0")
     # glibc cuts the variable at the first tunable while it parses it.
-    first = _qemu.QEMU_NBD_MALLOC_TUNABLES[0].encode()
+    first = _qemu_nbd.QEMU_NBD_MALLOC_TUNABLES[0].encode()
     assert any(v.startswith(b"GLIBC_TUNABLES=" + first) for v in environ)
 
 
 def test_serve_accepts_every_worker_and_the_map_reader(images):
     # A copy with 8 workers opens 9 connections; one more than the export
     # allows would wait forever in the handshake.
-    with _qemu.serve(images["qcow2"]) as export:
-        clients = [_nbd.Client(export.url) for _i in range(_qemu.SERVE_CONNECTIONS)]
+    with _qemu_nbd.serve(images["qcow2"]) as export:
+        clients = [_nbd.Client(export.url) for _i in range(_qemu_nbd.SERVE_CONNECTIONS)]
         try:
             assert all(c.export_size == clients[0].export_size for c in clients)
         finally:
@@ -421,7 +426,7 @@ def test_serve_accepts_every_worker_and_the_map_reader(images):
 
 
 def test_serve_stops_on_exception(images, private_tmp):
-    with pytest.raises(RuntimeError), _qemu.serve(images["qcow2"]) as export:
+    with pytest.raises(RuntimeError), _qemu_nbd.serve(images["qcow2"]) as export:
         pid = export.pid
         raise RuntimeError("boom")
     assert not process_alive(pid)
@@ -429,7 +434,7 @@ def test_serve_stops_on_exception(images, private_tmp):
 
 
 def test_serve_stops_on_keyboard_interrupt(images, private_tmp):
-    with pytest.raises(KeyboardInterrupt), _qemu.serve(images["qcow2"]) as export:
+    with pytest.raises(KeyboardInterrupt), _qemu_nbd.serve(images["qcow2"]) as export:
         pid = export.pid
         raise KeyboardInterrupt
     assert not process_alive(pid)
@@ -441,8 +446,8 @@ def test_serve_dies_with_its_owner(tmp_path, images):
     # parent-death signal still stops qemu-nbd.
     script = (
         "import sys, time\n"
-        "from ansible_collections.thinair.ovirt.plugins.module_utils import _qemu\n"
-        "with _qemu.serve(sys.argv[1]) as e:\n"
+        "from ansible_collections.thinair.ovirt.plugins.module_utils import _qemu_nbd\n"
+        "with _qemu_nbd.serve(sys.argv[1]) as e:\n"
         "    print(e.pid, flush=True)\n"
         "    time.sleep(60)\n"
     )
@@ -465,8 +470,8 @@ def test_serve_dies_with_its_owner(tmp_path, images):
 
 def test_create_qcow2(tmp_path):
     path = tmp_path / "new.qcow2"
-    _qemu.create(str(path), "qcow2", 3 * MiB, compat="0.10")
-    result = _qemu.info(str(path))
+    _qemu_img.create(str(path), "qcow2", 3 * MiB, compat="0.10")
+    result = _qemu_img.info(str(path))
     assert result["format"] == "qcow2"
     assert result["virtual-size"] == 3 * MiB
     assert result["format-specific"]["data"]["compat"] == "0.10"
@@ -474,16 +479,16 @@ def test_create_qcow2(tmp_path):
 
 def test_create_raw_preallocated(tmp_path):
     path = tmp_path / "new.raw"
-    _qemu.create(str(path), "raw", 2 * MiB, preallocation="full")
+    _qemu_img.create(str(path), "raw", 2 * MiB, preallocation="full")
     assert os.stat(path).st_blocks * 512 >= 2 * MiB
-    assert _qemu.info(str(path))["virtual-size"] == 2 * MiB
+    assert _qemu_img.info(str(path))["virtual-size"] == 2 * MiB
 
 
 def test_create_with_nbd_backing(tmp_path, images):
     top = tmp_path / "top.qcow2"
-    with _qemu.serve(images["qcow2"]) as export:
-        _qemu.create(str(top), "qcow2", None, backing=export.url)
-        result = _qemu.info(str(top))
+    with _qemu_nbd.serve(images["qcow2"]) as export:
+        _qemu_img.create(str(top), "qcow2", None, backing=export.url)
+        result = _qemu_img.info(str(top))
         assert result["backing-filename"] == export.url
         assert result["backing-filename-format"] == "raw"
         assert_identical(images["src"], str(top), fmt_b="qcow2")
@@ -491,37 +496,37 @@ def test_create_with_nbd_backing(tmp_path, images):
 
 def test_create_bad_input_leaves_no_file(tmp_path):
     path = tmp_path / "new.img"
-    with pytest.raises(_qemu.QemuError, match="Unknown file format 'nosuch'"):
-        _qemu.create(str(path), "nosuch", MiB)
+    with pytest.raises(_qemu_img.QemuError, match="Unknown file format 'nosuch'"):
+        _qemu_img.create(str(path), "nosuch", MiB)
     assert not path.exists()
-    with pytest.raises(_qemu.QemuError, match="give a size or a backing file"):
-        _qemu.create(str(path), "qcow2", None)
+    with pytest.raises(_qemu_img.QemuError, match="give a size or a backing file"):
+        _qemu_img.create(str(path), "qcow2", None)
     assert not path.exists()
-    with pytest.raises(_qemu.QemuError, match="no such file"):
-        _qemu.create(str(path), "qcow2", None, backing="missing.qcow2")
+    with pytest.raises(_qemu_img.QemuError, match="no such file"):
+        _qemu_img.create(str(path), "qcow2", None, backing="missing.qcow2")
     assert not path.exists()
 
 
 def test_create_replaces_existing_file(tmp_path):
     path = tmp_path / "existing.qcow2"
     path.write_bytes(b"old data")
-    _qemu.create(str(path), "qcow2", MiB)
-    assert _qemu.info(str(path))["format"] == "qcow2"
+    _qemu_img.create(str(path), "qcow2", MiB)
+    assert _qemu_img.info(str(path))["format"] == "qcow2"
     # A failed creation leaves nothing at the path, as qemu-img does.
-    with pytest.raises(_qemu.QemuError, match="'preallocation' does not accept value 'bogus'"):
-        _qemu.create(str(path), "qcow2", MiB, preallocation="bogus")
+    with pytest.raises(_qemu_img.QemuError, match="'preallocation' does not accept value 'bogus'"):
+        _qemu_img.create(str(path), "qcow2", MiB, preallocation="bogus")
     assert not path.exists()
 
 
 def test_is_iso(tmp_path, images):
-    assert _qemu.is_iso(images["iso"])
-    assert not _qemu.is_iso(images["src"])
-    assert not _qemu.is_iso(images["qcow2"])
+    assert _qemu_img.is_iso(images["iso"])
+    assert not _qemu_img.is_iso(images["src"])
+    assert not _qemu_img.is_iso(images["qcow2"])
     short = tmp_path / "short"
     short.write_bytes(b"\0" * 100)
-    assert not _qemu.is_iso(str(short))
-    with pytest.raises(_qemu.QemuError, match="no such file"):
-        _qemu.is_iso(str(tmp_path / "missing.iso"))
+    assert not _qemu_img.is_iso(str(short))
+    with pytest.raises(_qemu_img.QemuError, match="no such file"):
+        _qemu_img.is_iso(str(tmp_path / "missing.iso"))
 
 
 def test_version():
@@ -530,7 +535,7 @@ def test_version():
         ["qemu-nbd", "--version"], capture_output=True, text=True, check=True
     ).stdout
     expected = tuple(int(n) for n in out.split()[1].split("."))
-    assert _qemu.version() == expected
+    assert _qemu_img.version() == expected
 
 
 # Bad input: a clear error naming the image, and nothing left behind.
@@ -539,7 +544,7 @@ def test_version():
 @pytest.mark.parametrize("call", ["info", "measure", "check", "serve", "is_iso"])
 def test_missing_file(tmp_path, private_tmp, call):
     path = str(tmp_path / "missing.qcow2")
-    with pytest.raises(_qemu.QemuError) as e:
+    with pytest.raises(_qemu_img.QemuError) as e:
         run(call, path)
     assert str(e.value) == f"cannot read image '{path}': no such file"
     assert_clean(private_tmp)
@@ -547,7 +552,7 @@ def test_missing_file(tmp_path, private_tmp, call):
 
 @pytest.mark.parametrize("call", ["info", "measure", "check", "serve", "is_iso"])
 def test_directory(tmp_path, private_tmp, call):
-    with pytest.raises(_qemu.QemuError) as e:
+    with pytest.raises(_qemu_img.QemuError) as e:
         run(call, str(tmp_path))
     assert str(e.value) == f"cannot read image '{tmp_path}': it is a directory"
     assert_clean(private_tmp)
@@ -555,11 +560,11 @@ def test_directory(tmp_path, private_tmp, call):
 
 def run(call, image):
     if call == "measure":
-        return _qemu.measure(image, "qcow2")
+        return _qemu_img.measure(image, "qcow2")
     if call == "serve":
-        with _qemu.serve(image):
+        with _qemu_nbd.serve(image):
             pytest.fail("serve() must fail")
-    return getattr(_qemu, call)(image)
+    return getattr(_qemu_img, call)(image)
 
 
 def test_text_file_is_a_raw_image(tmp_path):
@@ -568,11 +573,11 @@ def test_text_file_is_a_raw_image(tmp_path):
     text = b"this is not a disk image\n" * 40
     path = tmp_path / "notes.txt"
     path.write_bytes(text)
-    result = _qemu.info(str(path))
+    result = _qemu_img.info(str(path))
     assert result["format"] == "raw"
     assert result["virtual-size"] == 1024
-    assert not _qemu.is_iso(str(path))
-    with _qemu.serve(str(path)) as export, _nbd.Client(export.url) as client:
+    assert not _qemu_img.is_iso(str(path))
+    with _qemu_nbd.serve(str(path)) as export, _nbd.Client(export.url) as client:
         assert client.read(0, 1024) == text + b"\0" * (1024 - len(text))
 
 
@@ -585,15 +590,15 @@ def truncated_qcow2(tmp_path, images):
 
 
 def test_truncated_qcow2_check(truncated_qcow2):
-    with pytest.raises(_qemu.QemuError) as e:
-        _qemu.check(truncated_qcow2)
+    with pytest.raises(_qemu_img.QemuError) as e:
+        _qemu_img.check(truncated_qcow2)
     assert str(e.value).startswith(f"image '{truncated_qcow2}' is corrupt: qemu-img check found")
     assert "exceeding the end of the file" in str(e.value)
 
 
 def test_truncated_qcow2_serve(truncated_qcow2, private_tmp):
     # qemu-nbd alone would serve zeros where the data was cut off.
-    with pytest.raises(_qemu.QemuError, match="is corrupt"), _qemu.serve(truncated_qcow2):
+    with pytest.raises(_qemu_img.QemuError, match="is corrupt"), _qemu_nbd.serve(truncated_qcow2):
         pytest.fail("serve() must refuse a truncated image")
     assert_clean(private_tmp)
 
@@ -602,15 +607,18 @@ def test_truncated_header(tmp_path, private_tmp, images):
     path = tmp_path / "header.qcow2"
     with open(images["qcow2"], "rb") as f:
         path.write_bytes(f.read(50))
-    with pytest.raises(_qemu.QemuError, match="qcow2 header too short"):
-        _qemu.info(str(path))
-    with pytest.raises(_qemu.QemuError, match="qcow2 header too short"), _qemu.serve(str(path)):
+    with pytest.raises(_qemu_img.QemuError, match="qcow2 header too short"):
+        _qemu_img.info(str(path))
+    with (
+        pytest.raises(_qemu_img.QemuError, match="qcow2 header too short"),
+        _qemu_nbd.serve(str(path)),
+    ):
         pass
     assert_clean(private_tmp)
 
 
 def test_serve_wrong_format(images, private_tmp):
-    with pytest.raises(_qemu.QemuError) as e, _qemu.serve(images["src"], fmt="qcow2"):
+    with pytest.raises(_qemu_img.QemuError) as e, _qemu_nbd.serve(images["src"], fmt="qcow2"):
         pass
     assert "Image is not in qcow2 format" in str(e.value)
     assert_clean(private_tmp)
@@ -618,7 +626,7 @@ def test_serve_wrong_format(images, private_tmp):
 
 def test_serve_qemu_nbd_fails_to_start(images, private_tmp):
     # Probing and checking pass; qemu-nbd itself refuses the missing bitmap.
-    with pytest.raises(_qemu.QemuError) as e, _qemu.serve(images["qcow2"], bitmap="nosuch"):
+    with pytest.raises(_qemu_img.QemuError) as e, _qemu_nbd.serve(images["qcow2"], bitmap="nosuch"):
         pass
     message = str(e.value)
     assert message.startswith(f"cannot serve image '{images['qcow2']}': qemu-nbd: ")
@@ -631,11 +639,11 @@ def test_serve_qemu_nbd_fails_to_start(images, private_tmp):
     ["nbd://127.0.0.1:notaport/", "nbd+unix:///?sock=/x", "nbd://[::1/"],
 )
 def test_malformed_nbd_url(private_tmp, url):
-    with pytest.raises(_qemu.QemuError) as e:
-        _qemu.info(url)
+    with pytest.raises(_qemu_img.QemuError) as e:
+        _qemu_img.info(url)
     assert str(e.value).startswith(f"cannot read image '{url}': qemu-img: Could not open")
     # Told the format, serve() skips the probe: qemu-nbd reports the error.
-    with pytest.raises(_qemu.QemuError) as e, _qemu.serve(url, fmt="raw"):
+    with pytest.raises(_qemu_img.QemuError) as e, _qemu_nbd.serve(url, fmt="raw"):
         pass
     assert str(e.value).startswith(f"cannot serve image '{url}': qemu-nbd: ")
     assert_clean(private_tmp)
@@ -644,28 +652,31 @@ def test_malformed_nbd_url(private_tmp, url):
 def test_nbd_url_nothing_listening(tmp_path, private_tmp):
     port = free_port()
     url = f"nbd://127.0.0.1:{port}/"
-    with pytest.raises(_qemu.QemuError, match="Connection refused"):
-        _qemu.info(url)
-    with pytest.raises(_qemu.QemuError, match="Connection refused"), _qemu.serve(url):
+    with pytest.raises(_qemu_img.QemuError, match="Connection refused"):
+        _qemu_img.info(url)
+    with pytest.raises(_qemu_img.QemuError, match="Connection refused"), _qemu_nbd.serve(url):
         pass
     url = f"nbd+unix:///?socket={tmp_path}/nobody.sock"
-    with pytest.raises(_qemu.QemuError, match="No such file or directory"):
-        _qemu.measure(url, "qcow2")
-    with pytest.raises(_qemu.QemuError, match="No such file or directory"), _qemu.serve(url, "raw"):
+    with pytest.raises(_qemu_img.QemuError, match="No such file or directory"):
+        _qemu_img.measure(url, "qcow2")
+    with (
+        pytest.raises(_qemu_img.QemuError, match="No such file or directory"),
+        _qemu_nbd.serve(url, "raw"),
+    ):
         pass
     assert_clean(private_tmp)
 
 
 def test_nbds_url_needs_certificates(private_tmp):
-    with pytest.raises(_qemu.QemuError, match="an nbds URL needs tls_certs"):
-        _qemu.info("nbds://127.0.0.1:10809/")
+    with pytest.raises(_qemu_img.QemuError, match="an nbds URL needs tls_certs"):
+        _qemu_img.info("nbds://127.0.0.1:10809/")
     assert_clean(private_tmp)
 
 
 def test_missing_qemu_img(monkeypatch, images):
     monkeypatch.setenv("PATH", "/nonexistent")
-    with pytest.raises(_qemu.QemuError, match="qemu-img not found: install qemu-utils"):
-        _qemu.info(images["src"])
+    with pytest.raises(_qemu_img.QemuError, match="qemu-img not found: install qemu-utils"):
+        _qemu_img.info(images["src"])
 
 
 # Long-lived exports: export_command, start, find_exports, stop
@@ -673,13 +684,13 @@ def test_missing_qemu_img(monkeypatch, images):
 
 def test_start_unix_export(tmp_path, images, exports):
     sock = str(tmp_path / "disk.sock")
-    argv = _qemu.export_command(images["qcow2"], socket=sock, export_name="disk1")
-    assert argv == _qemu.export_command(images["qcow2"], socket=sock, export_name="disk1")
-    planned = _qemu.Export(argv)
+    argv = _qemu_nbd.export_command(images["qcow2"], socket=sock, export_name="disk1")
+    assert argv == _qemu_nbd.export_command(images["qcow2"], socket=sock, export_name="disk1")
+    planned = _qemu_nbd.Export(argv)
     assert planned.pid is None
     assert planned.url == f"nbd+unix:///disk1?socket={sock}"
 
-    export = _qemu.start(argv)
+    export = _qemu_nbd.start(argv)
     exports.append(export)
     assert export.argv == argv
     assert export.url == planned.url
@@ -687,37 +698,37 @@ def test_start_unix_export(tmp_path, images, exports):
     assert export.image == images["qcow2"]
     assert_identical(images["src"], export.url)
 
-    found = _qemu.find_export(("unix", sock))
+    found = _qemu_nbd.find_export(("unix", sock))
     assert (found.pid, found.argv) == (export.pid, argv)
-    assert export.pid in [e.pid for e in _qemu.find_exports()]
+    assert export.pid in [e.pid for e in _qemu_nbd.find_exports()]
 
     # The endpoint is taken: starting again is refused, the export lives on.
-    with pytest.raises(_qemu.QemuError, match=f"in use by qemu-nbd pid {export.pid}"):
-        _qemu.start(argv)
+    with pytest.raises(_qemu_img.QemuError, match=f"in use by qemu-nbd pid {export.pid}"):
+        _qemu_nbd.start(argv)
     assert process_alive(export.pid)
 
-    assert _qemu.stop(export.pid) is True
+    assert _qemu_nbd.stop(export.pid) is True
     assert not process_alive(export.pid)
     assert not os.path.exists(sock)
-    assert _qemu.find_export(("unix", sock)) is None
-    assert _qemu.stop(export.pid) is False
+    assert _qemu_nbd.find_export(("unix", sock)) is None
+    assert _qemu_nbd.stop(export.pid) is False
 
 
 def test_start_tcp_export_writable(tmp_path, images, exports):
     image = tmp_path / "disk.vdi"
     shutil.copyfile(images["vdi"], image)
     port = free_port()
-    argv = _qemu.export_command(str(image), readonly=False, port=port)
-    export = _qemu.start(argv)
+    argv = _qemu_nbd.export_command(str(image), readonly=False, port=port)
+    export = _qemu_nbd.start(argv)
     exports.append(export)
     assert export.url == f"nbd://127.0.0.1:{port}/"
     assert export.endpoint == ("tcp", "127.0.0.1", port)
     assert "--discard=unmap" in argv
     assert "--detect-zeroes=unmap" in argv
     # The format probe must not trip over the lock of the running export.
-    assert _qemu.export_command(str(image), readonly=False, port=port) == argv
+    assert _qemu_nbd.export_command(str(image), readonly=False, port=port) == argv
     subprocess.run(["qemu-io", "-f", "raw", "-c", "write -z 0 64k", export.url], check=True)
-    _qemu.stop(export.pid)
+    _qemu_nbd.stop(export.pid)
     expected = tmp_path / "expected.raw"
     shutil.copyfile(images["src"], expected)
     subprocess.run(["qemu-io", "-f", "raw", "-c", "write -z 0 64k", expected], check=True)
@@ -726,60 +737,62 @@ def test_start_tcp_export_writable(tmp_path, images, exports):
 
 def test_start_tls_export(images, pki, exports, private_tmp):
     port = free_port()
-    argv = _qemu.export_command(images["qcow2"], port=port, tls_certs=pki["server"])
-    export = _qemu.start(argv)
+    argv = _qemu_nbd.export_command(images["qcow2"], port=port, tls_certs=pki["server"])
+    export = _qemu_nbd.start(argv)
     exports.append(export)
     assert export.url == f"nbds://127.0.0.1:{port}/"
     assert export.tls
     assert export.tls_certs == pki["server"]
 
     assert_identical(images["src"], tls_url_image(export.url), objects=tls_objects(pki["client"]))
-    assert _qemu.info(export.url, tls_certs=pki["client"])["virtual-size"] == SIZE
-    with _qemu.serve(export.url, tls_certs=pki["client"]) as local:
+    assert _qemu_img.info(export.url, tls_certs=pki["client"])["virtual-size"] == SIZE
+    with _qemu_nbd.serve(export.url, tls_certs=pki["client"]) as local:
         assert_identical(images["src"], local.url)
 
     # Without TLS, and without a client certificate, the server says no.
     plain = export.url.replace("nbds://", "nbd://")
-    with pytest.raises(_qemu.QemuError, match="TLS negotiation required"):
-        _qemu.info(plain)
-    with pytest.raises(_qemu.QemuError, match="the server may require a client certificate"):
-        _qemu.info(export.url, tls_certs=pki["ca-only"])
+    with pytest.raises(_qemu_img.QemuError, match="TLS negotiation required"):
+        _qemu_img.info(plain)
+    with pytest.raises(_qemu_img.QemuError, match="the server may require a client certificate"):
+        _qemu_img.info(export.url, tls_certs=pki["ca-only"])
     assert_clean(private_tmp)
 
 
 def test_start_tls_unix_export(tmp_path, images, pki, exports):
     sock = str(tmp_path / "tls.sock")
-    export = _qemu.start(_qemu.export_command(images["src"], socket=sock, tls_certs=pki["server"]))
+    export = _qemu_nbd.start(
+        _qemu_nbd.export_command(images["src"], socket=sock, tls_certs=pki["server"])
+    )
     exports.append(export)
     assert export.url == f"nbds+unix:///?socket={sock}"
-    assert _qemu.info(export.url, tls_certs=pki["client"])["virtual-size"] == SIZE
+    assert _qemu_img.info(export.url, tls_certs=pki["client"])["virtual-size"] == SIZE
 
 
 def test_start_failure_leaves_nothing(tmp_path, images):
     sock = tmp_path / "disk.sock"
-    argv = _qemu.export_command(images["qcow2"], socket=str(sock), bitmap="nosuch")
-    with pytest.raises(_qemu.QemuError) as e:
-        _qemu.start(argv)
+    argv = _qemu_nbd.export_command(images["qcow2"], socket=str(sock), bitmap="nosuch")
+    with pytest.raises(_qemu_img.QemuError) as e:
+        _qemu_nbd.start(argv)
     assert str(e.value).startswith(f"cannot export image '{images['qcow2']}': qemu-nbd: ")
-    assert _qemu.find_export(("unix", str(sock))) is None
+    assert _qemu_nbd.find_export(("unix", str(sock))) is None
     assert not sock.exists()
 
 
 def test_start_wrong_format(tmp_path, images):
     # The command line is only a plan; starting it checks the image.
     sock = tmp_path / "disk.sock"
-    argv = _qemu.export_command(images["src"], fmt="qcow2", socket=str(sock))
-    with pytest.raises(_qemu.QemuError, match="Image is not in qcow2 format"):
-        _qemu.start(argv)
+    argv = _qemu_nbd.export_command(images["src"], fmt="qcow2", socket=str(sock))
+    with pytest.raises(_qemu_img.QemuError, match="Image is not in qcow2 format"):
+        _qemu_nbd.start(argv)
     assert not sock.exists()
 
 
 def test_start_refuses_to_replace_a_file(tmp_path, images):
     path = tmp_path / "not-a-socket"
     path.write_text("precious")
-    argv = _qemu.export_command(images["src"], socket=str(path))
-    with pytest.raises(_qemu.QemuError, match="exists and is not a socket"):
-        _qemu.start(argv)
+    argv = _qemu_nbd.export_command(images["src"], socket=str(path))
+    with pytest.raises(_qemu_img.QemuError, match="exists and is not a socket"):
+        _qemu_nbd.start(argv)
     assert path.read_text() == "precious"
 
 
@@ -788,7 +801,7 @@ def test_start_replaces_a_stale_socket(tmp_path, images, exports):
     s = socket.socket(socket.AF_UNIX)
     s.bind(path)
     s.close()
-    export = _qemu.start(_qemu.export_command(images["src"], socket=path))
+    export = _qemu_nbd.start(_qemu_nbd.export_command(images["src"], socket=path))
     exports.append(export)
     assert_identical(images["src"], export.url)
 
@@ -798,8 +811,8 @@ def test_start_refuses_a_socket_in_use(tmp_path, images):
     with socket.socket(socket.AF_UNIX) as s:
         s.bind(path)
         s.listen()
-        with pytest.raises(_qemu.QemuError, match="in use by another process"):
-            _qemu.start(_qemu.export_command(images["src"], socket=path))
+        with pytest.raises(_qemu_img.QemuError, match="in use by another process"):
+            _qemu_nbd.start(_qemu_nbd.export_command(images["src"], socket=path))
 
 
 @pytest.mark.parametrize(
@@ -814,21 +827,21 @@ def test_start_refuses_a_socket_in_use(tmp_path, images):
     ],
 )
 def test_export_command_bad_input(images, kwargs, message):
-    with pytest.raises(_qemu.QemuError, match=message):
-        _qemu.export_command(images["src"], **kwargs)
+    with pytest.raises(_qemu_img.QemuError, match=message):
+        _qemu_nbd.export_command(images["src"], **kwargs)
 
 
 def test_export_command_incomplete_tls_dir(tmp_path, pki, images):
     d = tmp_path / "certs"
     d.mkdir()
     shutil.copyfile(os.path.join(pki["server"], "ca-cert.pem"), d / "ca-cert.pem")
-    with pytest.raises(_qemu.QemuError, match=r"lacks server-cert\.pem, server-key\.pem"):
-        _qemu.export_command(images["src"], tls_certs=str(d))
+    with pytest.raises(_qemu_img.QemuError, match=r"lacks server-cert\.pem, server-key\.pem"):
+        _qemu_nbd.export_command(images["src"], tls_certs=str(d))
 
 
 def test_export_command_refuses_tls_source():
-    with pytest.raises(_qemu.QemuError, match="TLS NBD source is not supported"):
-        _qemu.export_command("nbds://127.0.0.1:10809/")
+    with pytest.raises(_qemu_img.QemuError, match="TLS NBD source is not supported"):
+        _qemu_nbd.export_command("nbds://127.0.0.1:10809/")
 
 
 def test_find_foreign_export(tmp_path, images):
@@ -839,15 +852,15 @@ def test_find_foreign_export(tmp_path, images):
     )
     try:
         deadline = time.monotonic() + 10
-        while _qemu.find_export(("unix", sock)) is None or not os.path.exists(sock):
+        while _qemu_nbd.find_export(("unix", sock)) is None or not os.path.exists(sock):
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        found = _qemu.find_export(("unix", sock))
+        found = _qemu_nbd.find_export(("unix", sock))
         assert found.pid == proc.pid
         assert (found.format, found.export_name, found.readonly) == ("qcow2", "disk", True)
         assert (found.image, found.shared) == (images["qcow2"], 2)
         assert found.url == f"nbd+unix:///disk?socket={sock}"
-        assert _qemu.stop(found.pid) is True
+        assert _qemu_nbd.stop(found.pid) is True
         assert proc.wait(10) == 0
         assert not os.path.exists(sock)
     finally:
@@ -857,17 +870,17 @@ def test_find_foreign_export(tmp_path, images):
 
 
 def test_stop_refuses_other_processes():
-    with pytest.raises(_qemu.QemuError, match=f"process {os.getpid()} is not qemu-nbd"):
-        _qemu.stop(os.getpid())
+    with pytest.raises(_qemu_img.QemuError, match=f"process {os.getpid()} is not qemu-nbd"):
+        _qemu_nbd.stop(os.getpid())
     assert process_alive(os.getpid())
 
 
 def test_stop_kills_a_stuck_server(tmp_path, images):
     sock = str(tmp_path / "stuck.sock")
-    export = _qemu.start(_qemu.export_command(images["src"], socket=sock))
+    export = _qemu_nbd.start(_qemu_nbd.export_command(images["src"], socket=sock))
     os.kill(export.pid, signal.SIGSTOP)
     try:
-        assert _qemu.stop(export.pid, timeout=0.5) is True
+        assert _qemu_nbd.stop(export.pid, timeout=0.5) is True
     finally:
         if process_alive(export.pid):
             os.kill(export.pid, signal.SIGKILL)

@@ -1,18 +1,8 @@
 # Copyright: thinair.ovirt contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 
-"""qemu-img and qemu-nbd: inspect, measure, check, create and serve images.
-
-Every image qemu reads is welcome: raw, qcow2 (compressed too), vmdk, vhdx,
-vdi, qed, and NBD URLs (``nbd://``, ``nbds://``, ``nbd+unix://``,
-``nbds+unix://`` and qemu's legacy ``nbd:HOST:PORT`` / ``nbd:unix:PATH``).
-
-qemu reads any file without a known header as raw, so a text file is a raw
-image of its own size here too: ``info()`` says ``raw`` and ``serve()``
-exposes its bytes. Only a missing file, a directory or an image qemu cannot
-open is an error.
-
-Two ways to serve an image with qemu-nbd:
+"""qemu-nbd servers: serve an image for the time of a block, or export it
+for as long as the user wants.
 
 - ``serve()``: a context manager for work inside one process. qemu-nbd listens
   on a unix socket in a private 0700 directory and is always stopped, and the
@@ -25,9 +15,6 @@ Two ways to serve an image with qemu-nbd:
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import functools
 import json
 import os
 import re
@@ -38,23 +25,19 @@ import stat
 import subprocess
 import tempfile
 import time
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 
-from ansible_collections.thinair.ovirt.plugins.module_utils import _nbd
+from ansible_collections.thinair.ovirt.plugins.module_utils import (
+    _nbd,
+    _nbd_url,
+    _nbd_wire,
+    _process,
+    _qemu_img,
+)
+from ansible_collections.thinair.ovirt.plugins.module_utils._qemu_img import QemuError
 
-QEMU_IMG = "qemu-img"
 QEMU_NBD = "qemu-nbd"
 
-# ISO 9660 primary volume descriptor: type 1, "CD001", version 1, then an
-# unused byte, at the start of sector 16 (ISO 9660 8.4, ECMA-119).
-ISO_DESCRIPTOR_OFFSET = 0x8000
-ISO_PRIMARY_DESCRIPTOR = b"\x01CD001\x01\x00"
-
-# qemu-img check exit codes (qemu-img(1), "check").
-CHECK_OK = 0
-CHECK_CORRUPT = 2
-CHECK_LEAKS = 3
-CHECK_UNSUPPORTED = 63
 
 # glibc settings for qemu-nbd. qemu-nbd allocates a buffer for every request
 # and frees it when the reply is sent; by default glibc hands such buffers
@@ -69,36 +52,21 @@ QEMU_NBD_MALLOC_TUNABLES = (
     "glibc.malloc.trim_threshold=67108864",
 )
 
+
 # Connections a private export (serve()) accepts: a copy's workers (at most 8)
 # and the connection that reads the extent map.
 SERVE_CONNECTIONS = 9
 
-# File names qemu's tls-creds-x509 object reads from its directory.
-TLS_CA_CERT = "ca-cert.pem"
-TLS_SERVER_FILES = (TLS_CA_CERT, "server-cert.pem", "server-key.pem")
-TLS_CLIENT_CERT = "client-cert.pem"
-TLS_CLIENT_KEY = "client-key.pem"
 
-# Ids of the tls-creds-x509 objects on qemu command lines: one to read a TLS
-# NBD source, one for the export's own server side.
-TLS_SOURCE_ID = "tls-source"
+TLS_SERVER_FILES = (_qemu_img.TLS_CA_CERT, "server-cert.pem", "server-key.pem")
+
+
 TLS_EXPORT_ID = "tls-export"
 
-# qemu checks the server certificate against a host name even on unix
-# sockets, where the URL has none.
-UNIX_TLS_HOSTNAME = "localhost"
 
 # /proc/net/unix: a listening socket carries __SO_ACCEPTCON in its flags.
 SO_ACCEPTCON = 1 << 16
 
-# prctl(2) option: signal the child gets when its parent thread exits.
-PR_SET_PDEATHSIG = 1
-
-# Pauses between looks at a starting or stopping qemu-nbd: first and longest.
-POLL_START = 0.005
-POLL_MAX = 0.1
-
-NBD_URL = re.compile(r"^nbds?(\+(unix|tcp))?:")
 
 # qemu-nbd's options (qemu-nbd.c, qemu 7.2): short name -> long name, and
 # the long names that take an argument. Used to read command lines of
@@ -127,6 +95,8 @@ QEMU_NBD_SHORT = {
     "h": "help",
     "V": "version",
 }
+
+
 QEMU_NBD_WITH_ARGUMENT = frozenset(
     (
         "bind",
@@ -155,141 +125,6 @@ QEMU_NBD_WITH_ARGUMENT = frozenset(
 )
 
 
-class QemuError(Exception):
-    """qemu-img or qemu-nbd failed; the message names the image and quotes qemu."""
-
-
-def is_nbd_url(image):
-    """Whether image is an NBD URL rather than a local path."""
-    return bool(NBD_URL.match(image))
-
-
-def info(image, fmt=None, backing_chain=False, tls_certs=None, force_share=False):
-    """Return ``qemu-img info --output=json`` of a local image or an NBD URL.
-
-    backing_chain: also open the backing chain; the result gets a "chain"
-        key listing the info of every image, this one first.
-    tls_certs: directory with the client files of qemu's tls-creds-x509
-        (ca-cert.pem, optional client-cert.pem and client-key.pem), needed
-        for nbds:// URLs and servers that require TLS.
-    force_share: open the image even when another process writes it (the
-        result may then be slightly stale).
-    """
-    source = _Source(image, fmt, tls_certs)
-    cmd = [QEMU_IMG, "info", "--output=json"]
-    if backing_chain:
-        cmd.append("--backing-chain")
-    if force_share:
-        cmd.append("--force-share")
-    out = _run(cmd + source.qemu_img_args(), "cannot read image", image, source.explain)
-    result = json.loads(out)
-    if backing_chain:
-        chain = result
-        result = dict(chain[0])
-        result["chain"] = chain
-    return result
-
-
-def measure(image, out_format, fmt=None, tls_certs=None):
-    """Return ``qemu-img measure --output=json`` for converting image to out_format.
-
-    "required" is the size a new sparse image needs, "fully-allocated" the
-    size of a preallocated one.
-    """
-    source = _Source(image, fmt, tls_certs)
-    cmd = [QEMU_IMG, "measure", "--output=json", "-O", out_format]
-    out = _run(cmd + source.qemu_img_args(), "cannot measure image", image, source.explain)
-    return json.loads(out)
-
-
-def check(image, fmt=None, tls_certs=None):
-    """Return ``qemu-img check --output=json``; raise QemuError on corruption.
-
-    Leaked clusters only waste space and are reported in "leaks". Formats
-    without consistency checks (raw) give {"filename", "format", "checked":
-    False}; format is None then unless given. Checked images have "checked":
-    True besides qemu's own keys.
-    """
-    source = _Source(image, fmt, tls_certs)
-    cmd = [QEMU_IMG, "check", "--output=json", *source.qemu_img_args()]
-    proc = _popen_run(cmd)
-    err = _text(proc.stderr)
-    if proc.returncode == CHECK_UNSUPPORTED:
-        return {"filename": image, "format": fmt, "checked": False}
-    if proc.returncode == CHECK_CORRUPT:
-        raise QemuError(
-            "image '{}' is corrupt: qemu-img check found {} corruption(s): {}".format(
-                image, _json_or_empty(proc.stdout).get("corruptions", "some"), _first_lines(err)
-            )
-        )
-    if proc.returncode not in (CHECK_OK, CHECK_LEAKS):
-        raise QemuError(f"cannot check image '{image}': {source.explain(err or _exit_text(proc))}")
-    result = json.loads(proc.stdout)
-    result["checked"] = True
-    return result
-
-
-def create(path, fmt, size, backing=None, backing_fmt=None, preallocation=None, compat=None):
-    """Create a local image with ``qemu-img create``.
-
-    size: virtual size in bytes; None takes the backing image's size.
-    backing: backing file (relative to path's directory, as qemu resolves
-        it) or NBD URL; backing_fmt is probed with qemu-img info when not
-        given, since qemu no longer guesses it.
-    preallocation: off, metadata (qcow2), falloc or full.
-    compat: qcow2 compatibility level, "0.10" or "1.1".
-
-    Like qemu-img, replaces an existing file; when creation fails, no file
-    is left at path (qemu-img removes even one that was there before).
-    """
-    if size is None and backing is None:
-        raise QemuError(f"cannot create image '{path}': give a size or a backing file")
-    cmd = [QEMU_IMG, "create", "-q", "-f", fmt]
-    if backing is not None:
-        if backing_fmt is None:
-            backing_fmt = info(_backing_path(path, backing))["format"]
-        cmd += ["-b", backing, "-F", backing_fmt]
-    options = []
-    if preallocation is not None:
-        options.append("preallocation=" + preallocation)
-    if compat is not None:
-        options.append("compat=" + compat)
-    if options:
-        cmd += ["-o", ",".join(options)]
-    cmd.append(os.path.abspath(path))
-    if size is not None:
-        cmd.append(str(size))
-    existed = os.path.lexists(path)
-    try:
-        _run(cmd, "cannot create image", path)
-    except BaseException:
-        if not existed:
-            _remove_quietly(path)
-        raise
-
-
-def is_iso(path):
-    """Whether a raw image holds an ISO 9660 file system (an installation disc)."""
-    _require_local_file(path, "cannot read image")
-    try:
-        with open(path, "rb") as f:
-            f.seek(ISO_DESCRIPTOR_OFFSET)
-            return f.read(len(ISO_PRIMARY_DESCRIPTOR)) == ISO_PRIMARY_DESCRIPTOR
-    except OSError as e:
-        raise QemuError(f"cannot read image '{path}': {e.strerror}") from None
-
-
-@functools.lru_cache(maxsize=None)
-def version():
-    """Version of qemu-img as a tuple of ints, e.g. (7, 2, 0)."""
-    # First line: "qemu-img version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18)".
-    out = _run([QEMU_IMG, "--version"], "cannot run", QEMU_IMG)
-    found = re.search(r"version (\d+)\.(\d+)\.(\d+)", out)
-    if not found:
-        raise QemuError(f"cannot read the version of {QEMU_IMG}: {out[:200]!r}")
-    return tuple(int(n) for n in found.groups())
-
-
 class Export:
     """A qemu-nbd server: where it listens and what it serves.
 
@@ -305,7 +140,7 @@ class Export:
         self.socket = options.get("socket")
         if self.socket is None:
             self.address = options.get("bind", "0.0.0.0")
-            self.port = _int_or_text(options.get("port", _nbd.NBD_DEFAULT_PORT))
+            self.port = _int_or_text(options.get("port", _nbd_wire.NBD_DEFAULT_PORT))
         else:
             self.address = None
             self.port = None
@@ -363,7 +198,7 @@ def serve(
     and the directory removed when the block ends, whatever ends it; if the
     calling thread dies without unwinding, the kernel stops qemu-nbd.
     """
-    source = _Source(image, fmt, tls_certs, readonly=readonly)
+    source = _qemu_img.ImageSource(image, fmt, tls_certs, readonly=readonly)
     if not checked:
         source.verify()
     directory = tempfile.mkdtemp(prefix="thinair-qemu-nbd-")
@@ -390,7 +225,7 @@ def serve(
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
-                preexec_fn=_die_with_parent_hook(),
+                preexec_fn=_process.die_with_parent_hook(),
             )
         try:
             export = Export(argv, pid=proc.pid)
@@ -407,7 +242,7 @@ def export_command(
     fmt=None,
     readonly=True,
     address="127.0.0.1",
-    port=_nbd.NBD_DEFAULT_PORT,
+    port=_nbd_wire.NBD_DEFAULT_PORT,
     socket=None,
     export_name="",
     tls_certs=None,
@@ -433,7 +268,7 @@ def export_command(
         raise QemuError(
             f"cannot export image '{image}': exporting a TLS NBD source is not supported"
         )
-    source = _Source(image, fmt, None, readonly=readonly, force_share=True)
+    source = _qemu_img.ImageSource(image, fmt, None, readonly=readonly, force_share=True)
     if socket is not None:
         if not os.path.isabs(socket):
             raise QemuError(f"socket must be an absolute path, not '{socket}'")
@@ -465,7 +300,7 @@ def verify(export):
 
     Checks images other than raw with qemu-img check.
     """
-    _Source(export.image, export.format, None, readonly=export.readonly).verify()
+    _qemu_img.ImageSource(export.image, export.format, None, readonly=export.readonly).verify()
 
 
 def start(argv, timeout=10.0, verify_image=True):
@@ -493,7 +328,7 @@ def start(argv, timeout=10.0, verify_image=True):
             timeout=timeout,
         )
     except FileNotFoundError:
-        raise QemuError(_missing_tool(QEMU_NBD)) from None
+        raise QemuError(_qemu_img.missing_tool(QEMU_NBD)) from None
     except subprocess.TimeoutExpired:
         for late in _running_with_argv(argv):
             stop(late.pid, timeout)
@@ -504,10 +339,9 @@ def start(argv, timeout=10.0, verify_image=True):
         # qemu-nbd binds its socket before it opens the image.
         if export.socket is not None:
             _remove_stale_socket(export.socket)
-        raise QemuError(
-            f"cannot export image '{export.image}': {_text(proc.stderr) or _exit_text(proc)}"
-        )
-    started = [e for e in _running_with_argv(argv) if _is_session_leader(e.pid)]
+        error = _qemu_img.text(proc.stderr) or _qemu_img.exit_text(proc)
+        raise QemuError(f"cannot export image '{export.image}': {error}")
+    started = [e for e in _running_with_argv(argv) if _process.is_session_leader(e.pid)]
     if not started:
         raise QemuError(
             f"cannot export image '{export.image}': qemu-nbd started and exited at once"
@@ -541,136 +375,21 @@ def stop(pid, timeout=10.0):
     Returns False when no such server runs (already stopped), True otherwise.
     Refuses to signal a process that is not qemu-nbd.
     """
-    argv = _cmdline(pid)
+    argv = _process.cmdline(pid)
     if not argv:
         return False
     if os.path.basename(argv[0]) != QEMU_NBD:
         raise QemuError("process {} is not qemu-nbd: {}".format(pid, " ".join(argv)))
     export = Export(argv, pid=pid)
-    _signal(pid, signal.SIGTERM)
-    if not _wait_gone(pid, timeout):
-        _signal(pid, signal.SIGKILL)
-        if not _wait_gone(pid, timeout):
+    _process.send_signal(pid, signal.SIGTERM)
+    if not _process.wait_gone(pid, timeout):
+        _process.send_signal(pid, signal.SIGKILL)
+        if not _process.wait_gone(pid, timeout):
             raise QemuError(f"qemu-nbd process {pid} did not exit after SIGKILL")
     # qemu-nbd removes its socket on SIGTERM, not when it is killed.
     if export.socket is not None:
         _remove_stale_socket(export.socket)
     return True
-
-
-class _Source:
-    """What qemu opens: a local image or an NBD URL, with its format known."""
-
-    def __init__(self, image, fmt, tls_certs, readonly=True, force_share=False):
-        self.image = image
-        self.url = is_nbd_url(image)
-        self.readonly = readonly
-        self.tls_certs = tls_certs
-        self.tls = False
-        self.server = None
-        if self.url:
-            if tls_certs is not None or image.startswith("nbds"):
-                self.tls = True
-                self.server = self._nbd_server_options(image, tls_certs)
-        else:
-            _require_local_file(image, "cannot read image")
-        self.format = fmt
-        self._force_share = force_share
-
-    def probe(self):
-        """Fill in the format with qemu-img info when it was not given."""
-        if self.format is None:
-            self.format = info(self.image, tls_certs=self.tls_certs, force_share=self._force_share)[
-                "format"
-            ]
-        return self.format
-
-    def verify(self):
-        """Fail on an image qemu-nbd would serve wrongly (corrupt, truncated)."""
-        if self.probe() != "raw":
-            check(self.image, fmt=self.format, tls_certs=self.tls_certs)
-
-    def qemu_img_args(self):
-        """Arguments of qemu-img info/measure/check naming this image."""
-        if self.tls:
-            return [*self._object_args(), self._json(with_format=self.format is not None)]
-        args = ["-f", self.format] if self.format else []
-        return [*args, self._filename()]
-
-    def qemu_nbd_args(self):
-        """Arguments of qemu-nbd naming this image, format included."""
-        self.probe()
-        if self.tls:
-            return [*self._object_args(), self._json(with_format=True)]
-        return ["--format=" + self.format, self._filename()]
-
-    def explain(self, error):
-        """qemu's error text, with a hint when a TLS server wants a client certificate."""
-        if (
-            self.tls
-            and "TLS" in error
-            and not os.path.exists(os.path.join(self.tls_certs, TLS_CLIENT_CERT))
-        ):
-            return (
-                f"{error} (the server may require a client certificate: put "
-                f"{TLS_CLIENT_CERT} and {TLS_CLIENT_KEY} signed by its CA in '{self.tls_certs}')"
-            )
-        return error
-
-    def direct_io(self):
-        """Whether the image file can be opened with O_DIRECT."""
-        if self.url:
-            return False
-        flags = (os.O_RDONLY if self.readonly else os.O_RDWR) | os.O_DIRECT
-        try:
-            fd = os.open(self.image, flags)
-        except OSError:
-            return False
-        os.close(fd)
-        return True
-
-    def _filename(self):
-        # An absolute path never reads as "protocol:" to qemu.
-        return self.image if self.url else os.path.abspath(self.image)
-
-    def _object_args(self):
-        directory = _qemu_opt(os.path.abspath(self.tls_certs))
-        return [f"--object=tls-creds-x509,id={TLS_SOURCE_ID},dir={directory},endpoint=client"]
-
-    def _json(self, with_format):
-        node = dict(self.server, driver="nbd")
-        node = {"driver": self.format, "file": node} if with_format else {"file": node}
-        return "json:" + json.dumps(node, sort_keys=True)
-
-    @staticmethod
-    def _nbd_server_options(image, tls_certs):
-        if tls_certs is None:
-            raise QemuError(
-                f"cannot read image '{image}': an nbds URL needs tls_certs, a directory "
-                f"holding {TLS_CA_CERT} (and {TLS_CLIENT_CERT}, {TLS_CLIENT_KEY} when the "
-                "server asks for a client certificate)"
-            )
-        if not os.path.isfile(os.path.join(tls_certs, TLS_CA_CERT)):
-            raise QemuError(
-                f"cannot read image '{image}': "
-                f"no {TLS_CA_CERT} in tls_certs directory '{tls_certs}'"
-            )
-        try:
-            address = _nbd.parse_url(image)
-        except ValueError as e:
-            raise QemuError(f"cannot read image '{image}': {e}") from None
-        if address.transport == "unix":
-            server = {"type": "unix", "path": address.path}
-            hostname = UNIX_TLS_HOSTNAME
-        else:
-            server = {"type": "inet", "host": address.host, "port": str(address.port)}
-            hostname = address.host
-        return {
-            "server": server,
-            "export": address.export,
-            "tls-creds": TLS_SOURCE_ID,
-            "tls-hostname": hostname,
-        }
 
 
 def _command(
@@ -736,7 +455,7 @@ def _server_tls_args(tls_certs):
                 tls_certs, ", ".join(missing), ", ".join(TLS_SERVER_FILES)
             )
         )
-    directory = _qemu_opt(os.path.normpath(tls_certs))
+    directory = _qemu_img.qemu_opt(os.path.normpath(tls_certs))
     return [
         f"--object=tls-creds-x509,id={TLS_EXPORT_ID},dir={directory},endpoint=server",
         "--tls-creds=" + TLS_EXPORT_ID,
@@ -745,12 +464,12 @@ def _server_tls_args(tls_certs):
 
 def _export_url(sock, address, port, export_name, tls):
     if sock is not None:
-        return _nbd.format_url(_nbd.Address("unix", path=sock, export=export_name, tls=tls))
+        return _nbd_url.format_url(_nbd_url.Address("unix", path=sock, export=export_name, tls=tls))
     # A wildcard address listens everywhere; clients need a real name.
     if address in ("0.0.0.0", "::", ""):
         address = socketlib.getfqdn()
-    return _nbd.format_url(
-        _nbd.Address("tcp", host=address, port=port, export=export_name, tls=tls)
+    return _nbd_url.format_url(
+        _nbd_url.Address("tcp", host=address, port=port, export=export_name, tls=tls)
     )
 
 
@@ -829,26 +548,6 @@ def _split_qemu_opts(text):
     return fields
 
 
-def _qemu_opt(value):
-    # In qemu's option syntax a comma ends the value unless doubled.
-    return value.replace(",", ",,")
-
-
-def _backing_path(path, backing):
-    if is_nbd_url(backing) or os.path.isabs(backing):
-        return backing
-    return os.path.join(os.path.dirname(os.path.abspath(path)), backing)
-
-
-def _require_local_file(path, action):
-    if not os.path.lexists(path):
-        raise QemuError(f"{action} '{path}': no such file")
-    if os.path.isdir(path):
-        raise QemuError(f"{action} '{path}': it is a directory")
-    if not os.path.exists(path):
-        raise QemuError(f"{action} '{path}': broken symbolic link")
-
-
 def _claim_socket_path(path):
     """Make path free for a new server: refuse files and live sockets."""
     if not os.path.lexists(path):
@@ -866,12 +565,12 @@ def _claim_socket_path(path):
                 path, "another process" if owner is None else f"qemu-nbd pid {owner.pid}"
             )
         )
-    _remove_quietly(path)
+    _qemu_img.remove_quietly(path)
 
 
 def _remove_stale_socket(path):
     if _is_socket(path) and not _is_listening(path):
-        _remove_quietly(path)
+        _qemu_img.remove_quietly(path)
 
 
 def _is_socket(path):
@@ -902,10 +601,10 @@ def _wait_until_ready(proc, url, log, source, timeout):
     """
     image = source.image
     deadline = time.monotonic() + timeout
-    pause = POLL_START
+    pause = _process.POLL_START
     while True:
         if proc.poll() is not None:
-            error = source.explain(_read_log(log) or _exit_text(proc))
+            error = source.explain(_read_log(log) or _qemu_img.exit_text(proc))
             raise QemuError(f"cannot serve image '{image}': {error}")
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -917,7 +616,7 @@ def _wait_until_ready(proc, url, log, source, timeout):
             return
         except _nbd.Error:
             time.sleep(pause)
-            pause = min(pause * 2, POLL_MAX)
+            pause = min(pause * 2, _process.POLL_MAX)
 
 
 def _terminate(proc, timeout):
@@ -935,105 +634,13 @@ def _qemu_nbd_processes():
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
-        argv = _cmdline(int(name))
+        argv = _process.cmdline(int(name))
         if argv and os.path.basename(argv[0]) == QEMU_NBD:
             yield int(name), argv
 
 
 def _running_with_argv(argv):
     return [Export(a, pid=p) for p, a in _qemu_nbd_processes() if a == list(argv)]
-
-
-def _cmdline(pid):
-    """argv of a live process; [] when it is gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return []
-    return [os.fsdecode(a) for a in raw.split(b"\0")[:-1]]
-
-
-def _stat(path):
-    """The fields of a /proc stat file after the command name, from the
-    state on (proc(5)); None when the process or thread is gone."""
-    try:
-        with open(path) as f:
-            # "pid (comm) state ppid pgrp session ..."; comm may hold spaces.
-            return f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def process_start(pid):
-    """When the process started, in clock ticks since boot (None when it is
-    gone): with the pid, it names one process, as pids are reused."""
-    fields = _stat(f"/proc/{pid}/stat")
-    if fields is None or fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
-
-
-def _is_session_leader(pid):
-    """Whether pid leads its session, as a daemonized qemu-nbd --fork does."""
-    fields = _stat(f"/proc/{pid}/stat")
-    return fields is not None and int(fields[3]) == pid
-
-
-def _is_gone(pid):
-    """Whether every thread of pid has exited.
-
-    A zombie has exited; only its parent (often init) can reap it. The
-    main thread may turn zombie before the others, which still hold the
-    process's files and sockets.
-    """
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return True
-    for task in tasks:
-        fields = _stat(f"/proc/{pid}/task/{task}/stat")
-        if fields is not None and fields[0] not in ("Z", "X"):
-            return False
-    return True
-
-
-def _wait_gone(pid, timeout):
-    deadline = time.monotonic() + timeout
-    pause = POLL_START
-    while not _is_gone(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(pause)
-        pause = min(pause * 2, POLL_MAX)
-    return True
-
-
-def _signal(pid, signo):
-    with suppress(ProcessLookupError):
-        os.kill(pid, signo)
-
-
-@functools.lru_cache(maxsize=None)
-def _prctl():
-    # The process image links libc, so its symbols are at hand.
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-def _die_with_parent_hook():
-    """Return a preexec_fn making the child get SIGTERM when its parent thread dies.
-
-    So a qemu-nbd whose owner dies without cleaning up (SIGKILL, crash) does
-    not linger. Resolved here, in the parent: between fork and exec the
-    child must only make the system call.
-    """
-    prctl = _prctl()
-    if prctl is None:
-        return None
-    return functools.partial(prctl, PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _qemu_nbd_environment():
@@ -1051,60 +658,12 @@ def _popen(argv, **kwargs):
     try:
         return subprocess.Popen(argv, **kwargs)
     except FileNotFoundError:
-        raise QemuError(_missing_tool(argv[0])) from None
-
-
-def _popen_run(cmd):
-    try:
-        return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, check=False)
-    except FileNotFoundError:
-        raise QemuError(_missing_tool(cmd[0])) from None
-
-
-def _run(cmd, action, subject, explain=None):
-    proc = _popen_run(cmd)
-    if proc.returncode != 0:
-        error = _text(proc.stderr) or _exit_text(proc)
-        if explain is not None:
-            error = explain(error)
-        raise QemuError(f"{action} '{subject}': {error}")
-    return _text(proc.stdout)
-
-
-def _missing_tool(name):
-    return f"{name} not found: install qemu-utils (Debian, Ubuntu) or qemu-img (Fedora, EL)"
-
-
-def _text(data):
-    return data.decode("utf-8", errors="replace").strip()
-
-
-def _json_or_empty(data):
-    try:
-        return json.loads(data)
-    except ValueError:
-        return {}
-
-
-def _first_lines(text, count=3):
-    return "; ".join(text.splitlines()[:count])
-
-
-def _exit_text(proc):
-    return f"{os.path.basename(proc.args[0])} exited with status {proc.returncode}"
+        raise QemuError(_qemu_img.missing_tool(argv[0])) from None
 
 
 def _read_log(path):
     try:
         with open(path, "rb") as f:
-            return _text(f.read())
+            return _qemu_img.text(f.read())
     except OSError:
         return ""
-
-
-def _remove_quietly(path):
-    try:
-        os.unlink(path)
-    except OSError as e:
-        if e.errno != errno.ENOENT:
-            raise
