@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from ansible_collections.thinair.ovirt.plugins.module_utils import (
     _copy,
     _image,
+    _nbd_endpoint,
     _qemu_img,
     _qemu_nbd,
 )
@@ -78,8 +79,8 @@ def copy_over_nbd(src_image, dst_image, info, workers, qemu_img=False):
             )  # fmt: skip
             stats.seconds = time.monotonic() - stats.start
             return stats
-        src = _copy.NbdEndpoint(src_export.url, allocation_depth=info["format"] != "raw")
-        dst = _copy.NbdEndpoint(dst_export.url, is_zero=True)
+        src = _nbd_endpoint.NbdEndpoint(src_export.url, allocation_depth=info["format"] != "raw")
+        dst = _nbd_endpoint.NbdEndpoint(dst_export.url, is_zero=True)
         try:
             return _copy.copy(src, dst, workers=workers)
         finally:

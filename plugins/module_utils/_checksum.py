@@ -71,7 +71,7 @@ def validate(algorithm, block_size):
 
 
 def checksum(endpoint, algorithm=DEFAULT_ALGORITHM, block_size=DEFAULT_BLOCK_SIZE):
-    """Checksum the guest-visible bytes of an endpoint (see _copy.NbdEndpoint).
+    """Checksum the guest-visible bytes of an endpoint (see _nbd_endpoint.NbdEndpoint).
 
     Returns {"algorithm", "block_size", "checksum"} as imageio does.
     """

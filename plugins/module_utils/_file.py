@@ -128,7 +128,7 @@ def reader(file, info, check=None):
 class FileReader:
     """A local raw or qcow2 image read from its file, as a copy source.
 
-    Has the shape of _copy.NbdEndpoint, plus file_range(): where a guest
+    Has the shape of _nbd_endpoint.NbdEndpoint, plus file_range(): where a guest
     range lies in the file, so a destination may send it from there.
     """
 

@@ -9,8 +9,8 @@ from contextlib import contextmanager, suppress
 
 from ansible_collections.thinair.ovirt.plugins.module_utils import (
     _checksum,
-    _copy,
     _file,
+    _nbd_endpoint,
     _qcow2,
     _qemu_img,
     _qemu_nbd,
@@ -97,7 +97,7 @@ def open_source(image, fmt=None, page_cache=True):
     qemu-img info runs once, and qemu-img check for formats other than raw.
     A raw file, or a qcow2 file whose data lies uncompressed in the file
     itself, is read from the file (_file.FileReader); anything else is
-    served by qemu-nbd (_copy.NbdEndpoint).
+    served by qemu-nbd (_nbd_endpoint.NbdEndpoint).
     page_cache: see _file.open_locked().
     """
     file = _file.open_locked(image, page_cache=page_cache)
@@ -117,7 +117,7 @@ def open_source(image, fmt=None, page_cache=True):
             endpoint.close()
         return
     with _qemu_nbd.serve(image, fmt=info["format"], checked=True) as export:
-        endpoint = _copy.NbdEndpoint(export.url, allocation_depth=export.format != "raw")
+        endpoint = _nbd_endpoint.NbdEndpoint(export.url, allocation_depth=export.format != "raw")
         try:
             yield Source(image, info, endpoint)
         finally:
@@ -157,7 +157,7 @@ def create_endpoint(path, fmt, size):
     with _qemu_nbd.serve(
         path, fmt=fmt, readonly=False, discard=False, detect_zeroes="off"
     ) as export:
-        endpoint = _copy.NbdEndpoint(export.url, is_zero=True)
+        endpoint = _nbd_endpoint.NbdEndpoint(export.url, is_zero=True)
         try:
             yield endpoint
         finally:

@@ -11,7 +11,7 @@ reached at all; an HTTP error from the host (403 for a bad ticket) is an
 answer, so it does not fall back. When the host daemon runs on this machine,
 requests go through its local unix socket, which saves TLS and TCP; data from
 a local file then goes from the file to the socket without passing through
-this process (write_from_file, sendfile(2)).
+this process (write_from_file, _imageio_http.sendfile(2)).
 
 One ImageioEndpoint is one keep-alive connection and is not thread safe;
 ``clone()`` opens another connection to the same place for another worker.
@@ -23,17 +23,16 @@ from __future__ import annotations
 import bisect
 import http.client
 import json
-import os
 import re
-import select
 import socket
 import ssl
 import threading
 import time
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
-from ansible_collections.thinair.ovirt.plugins.module_utils import _copy
-from ansible_collections.thinair.ovirt.plugins.module_utils._bytes import KiB, MiB
+from ansible_collections.thinair.ovirt.plugins.module_utils import _copy, _imageio_http
+from ansible_collections.thinair.ovirt.plugins.module_utils._bytes import MiB
+from ansible_collections.thinair.ovirt.plugins.module_utils._imageio_http import Error
 
 # Largest request sent by readinto() and write(): the daemon moves data in
 # 8 MiB steps (its backends' buffer_size), and larger requests only make a
@@ -47,27 +46,10 @@ MAX_ZERO = 128 * MiB
 # Buffer of zeros streamed by PUT when the server cannot zero by itself.
 ZERO_BUFFER = 1 * MiB
 
-# Buffer for sending a file's data over TLS, which sendfile(2) cannot do.
-FILE_BUFFER = 1 * MiB
-
-# How much of an error reply is read and reported; imageio's error texts are
-# one line.
-ERROR_TEXT_LIMIT = 4 * KiB
 
 # The ticket size in a Content-Range header (RFC 9110 14.4).
 CONTENT_RANGE_SIZE = re.compile(r"^bytes (?:\d+-\d+|\*)/(\d+)$")
 
-# Server capabilities reported by OPTIONS (handlers/images.py).
-FEATURE_CHECKSUM = "checksum"
-FEATURE_EXTENTS = "extents"
-FEATURE_FLUSH = "flush"
-FEATURE_ZERO = "zero"
-FEATURES = frozenset((FEATURE_CHECKSUM, FEATURE_EXTENTS, FEATURE_FLUSH, FEATURE_ZERO))
-
-# Values of ImageioEndpoint.used.
-USED_UNIX = "unix"
-USED_HOST = "host"
-USED_PROXY = "proxy"
 
 UNIX_SOCKET_MODES = ("auto", "never")
 
@@ -88,23 +70,6 @@ RETRY_LOG_LIMIT = 20
 _ENDPOINT_TIMEOUT = object()
 
 
-class Error(Exception):
-    """An imageio request failed.
-
-    status is the HTTP status of the server's answer, or None when there was
-    no answer (connection refused or lost, timeout, TLS failure). The message
-    names the request, the URL and the server's own text.
-    """
-
-    def __init__(self, message, status=None):
-        super().__init__(message)
-        self.status = status
-
-
-class _ConnectionLost(Exception):
-    """The server closed the connection in the middle of a reply."""
-
-
 class _Retryable(Exception):
     """The request got no answer, or the daemon that came back does not
     know the ticket yet: sending it again may work."""
@@ -115,7 +80,7 @@ class _Retryable(Exception):
 
 
 class ImageioEndpoint:
-    """An imageio ticket as a copy endpoint (see _copy.NbdEndpoint).
+    """An imageio ticket as a copy endpoint (see _nbd_endpoint.NbdEndpoint).
 
     transfer_url: the image transfer's transfer_url (the host daemon).
     proxy_url: the image transfer's proxy_url, tried only when transfer_url
@@ -150,10 +115,18 @@ class ImageioEndpoint:
             raise Error(f"Invalid unix_socket {unix_socket!r}: use {modes}")
         if not transfer_url:
             raise Error("No transfer_url: give the image transfer's transfer_url")
-        context = _ssl_context(ca_file, insecure)
-        targets = [_Target(transfer_url, USED_HOST, context, connect_timeout, timeout)]
+        context = _imageio_http.ssl_context(ca_file, insecure)
+        targets = [
+            _imageio_http.Target(
+                transfer_url, _imageio_http.USED_HOST, context, connect_timeout, timeout
+            )
+        ]
         if proxy_url:
-            targets.append(_Target(proxy_url, USED_PROXY, context, connect_timeout, timeout))
+            targets.append(
+                _imageio_http.Target(
+                    proxy_url, _imageio_http.USED_PROXY, context, connect_timeout, timeout
+                )
+            )
 
         self.is_zero = is_zero
         self.max_request = MAX_REQUEST
@@ -162,10 +135,10 @@ class ImageioEndpoint:
         failures = []
         for target in targets:
             try:
-                self._route, self._con, options = _open_route(target, unix_socket)
+                self._route, self._con, options = _imageio_http.open_route(target, unix_socket)
                 break
             except OSError as e:
-                failures.append(f"{target.role} {target.url}: {_describe(e)}")
+                failures.append(f"{target.role} {target.url}: {_imageio_http.describe(e)}")
         else:
             raise Error("Cannot reach imageio: " + "; ".join(failures))
         self._unix_socket_mode = unix_socket
@@ -229,7 +202,7 @@ class ImageioEndpoint:
             clone._con = clone._reconnect()
         except OSError as e:
             raise Error(
-                f"Cannot open another connection to {clone._where()}: {_describe(e)}"
+                f"Cannot open another connection to {clone._where()}: {_imageio_http.describe(e)}"
             ) from None
         return clone
 
@@ -264,7 +237,9 @@ class ImageioEndpoint:
         with memoryview(buf) as outer, outer.cast("B") as view:
             for start in range(0, len(view), self.max_request):
                 chunk = view[start : start + self.max_request]
-                self._call("PUT", *self._put(offset + start, len(chunk), _send_view(chunk)))
+                self._call(
+                    "PUT", *self._put(offset + start, len(chunk), _imageio_http.send_view(chunk))
+                )
 
     @property
     def can_write_from_file(self):
@@ -275,7 +250,7 @@ class ImageioEndpoint:
     def write_from_file(self, offset, fd, file_offset, length):
         """Write length bytes of the open file fd, from file_offset, at offset.
 
-        Without TLS the kernel sends them from the file (sendfile(2)): they
+        Without TLS the kernel sends them from the file (_imageio_http.sendfile(2)): they
         never pass through this process.
         """
         self._image.changed()
@@ -289,14 +264,14 @@ class ImageioEndpoint:
         self._image.changed()
         end = offset + length
         while offset < end:
-            if FEATURE_ZERO in self.features:
+            if _imageio_http.FEATURE_ZERO in self.features:
                 step = min(end - offset, MAX_ZERO)
                 # A server that cannot flush at the end must do it now.
                 msg = {
                     "op": "zero",
                     "offset": offset,
                     "size": step,
-                    "flush": FEATURE_FLUSH not in self.features,
+                    "flush": _imageio_http.FEATURE_FLUSH not in self.features,
                 }
                 self._call("PATCH", *self._patch(msg))
             else:
@@ -307,7 +282,7 @@ class ImageioEndpoint:
     def flush(self):
         """Make what was written durable (no-op on servers that flush every
         request)."""
-        if FEATURE_FLUSH in self.features:
+        if _imageio_http.FEATURE_FLUSH in self.features:
             # A PUT answered 200 has reached the backend (qemu-nbd or the
             # file), which outlives a restart of the daemon.
             self._call("PATCH", *self._patch({"op": "flush"}))
@@ -324,7 +299,7 @@ class ImageioEndpoint:
         this waits as long as the daemon works (timeout=None); give seconds
         to bound it.
         """
-        if FEATURE_CHECKSUM not in self.features:
+        if _imageio_http.FEATURE_CHECKSUM not in self.features:
             raise Error(f"{self._where()} does not support checksums")
         self._renew_proxy_view()
         query = urlencode({"algorithm": algorithm, "block_size": block_size})
@@ -334,7 +309,7 @@ class ImageioEndpoint:
             con.request("GET", path)
             resp = con.getresponse()
             self._check(resp, "GET", path, (http.client.OK,))
-            return _json_reply(resp, "GET", self._where(path))
+            return _imageio_http.json_reply(resp, "GET", self._where(path))
 
         return self._call("GET", path, request, timeout=timeout)
 
@@ -359,7 +334,7 @@ class ImageioEndpoint:
         length = len(view)
 
         def request(con):
-            con.request("GET", path, headers={"Range": _range(offset, length)})
+            con.request("GET", path, headers={"Range": _imageio_http.byte_range(offset, length)})
             resp = con.getresponse()
             self._check(resp, "GET", path, (http.client.PARTIAL_CONTENT,))
             if resp.length != length:
@@ -368,13 +343,13 @@ class ImageioEndpoint:
                     f"GET {self._where()}: the server sent {resp.length} bytes for a "
                     f"request of {length} bytes at offset {offset}"
                 )
-            _read_body(con, resp, view)
+            _imageio_http.read_body(con, resp, view)
 
         return path, request
 
     def _put(self, offset, length, send_body):
         path = self._route.target.path
-        if FEATURE_FLUSH in self.features:
+        if _imageio_http.FEATURE_FLUSH in self.features:
             # Flushed once at the end by flush().
             path += "?flush=n"
 
@@ -432,12 +407,12 @@ class ImageioEndpoint:
         def send(con):
             sock = con.sock
             if isinstance(sock, ssl.SSLSocket):
-                # sendfile(2) cannot encrypt: over TLS (a route that moved
+                # _imageio_http.sendfile(2) cannot encrypt: over TLS (a route that moved
                 # there when the daemon came back without its unix socket)
                 # the data goes through memory.
-                sent = _send_file_copy(sock, fd, file_offset, length)
+                sent = _imageio_http.send_file_copy(sock, fd, file_offset, length)
             else:
-                sent = _sendfile(sock, fd, file_offset, length)
+                sent = _imageio_http.sendfile(sock, fd, file_offset, length)
             if sent < length:
                 # The server waits for the rest of the body: drop the connection.
                 self._drop()
@@ -495,9 +470,9 @@ class ImageioEndpoint:
                 self._con_generation = self._image.generation
                 self._con = self._reconnect()
         except OSError as e:
-            raise _Retryable(f"cannot connect: {_describe(e)}") from None
+            raise _Retryable(f"cannot connect: {_imageio_http.describe(e)}") from None
         con = self._con
-        _set_read_timeout(con, timeout)
+        _imageio_http.set_read_timeout(con, timeout)
         try:
             return request(con)
         except Error as e:
@@ -509,11 +484,11 @@ class ImageioEndpoint:
         except socket.timeout:
             self._drop()
             raise Error(f"{method} {self._where(path)}: no reply within {timeout:g} s") from None
-        except (OSError, http.client.HTTPException, _ConnectionLost) as e:
+        except (OSError, http.client.HTTPException, _imageio_http.ConnectionLost) as e:
             self._drop()
-            raise _Retryable(_describe(e)) from None
+            raise _Retryable(_imageio_http.describe(e)) from None
         finally:
-            _set_read_timeout(con, self._route.target.timeout)
+            _imageio_http.set_read_timeout(con, self._route.target.timeout)
 
     def _reconnect(self):
         route = self._route
@@ -524,7 +499,7 @@ class ImageioEndpoint:
                 raise
         # The daemon came back with another local socket (or none): find the
         # way again through its URL.
-        self._route, con, _options = _open_route(route.target, self._unix_socket_mode)
+        self._route, con, _options = _imageio_http.open_route(route.target, self._unix_socket_mode)
         return con
 
     def _renew_proxy_view(self):
@@ -534,14 +509,17 @@ class ImageioEndpoint:
         The proxy reads the host through a backend it keeps for each client
         connection, and that backend keeps the first extent map it got. Its
         extents, and its checksums (which skip what the map says is zero),
-        then describe the image as it was:
+        then _imageio_http.describe the image as it was:
 
             connection 1   GET (map: all zero) ... PUT data ... GET /checksum
                                                    -> checksum of zeros
             connection 2                                   GET /checksum
                                                    -> checksum of the data
         """
-        if self._route.used == USED_PROXY and self._con_generation != self._image.generation:
+        if (
+            self._route.used == _imageio_http.USED_PROXY
+            and self._con_generation != self._image.generation
+        ):
             self._drop()
 
     def _drop(self):
@@ -554,11 +532,11 @@ class ImageioEndpoint:
     def _check(self, resp, method, path, expected):
         if resp.status in expected:
             return
-        text = resp.read(ERROR_TEXT_LIMIT)
+        text = resp.read(_imageio_http.ERROR_TEXT_LIMIT)
         if not resp.isclosed():
             # An unread body would be taken for the next reply.
             self._drop()
-        raise _http_error(method, self._where(path), resp, text)
+        raise _imageio_http.http_error(method, self._where(path), resp, text)
 
     def _where(self, path=None):
         """The URL of a request, and the socket when not over TCP."""
@@ -578,7 +556,7 @@ class ImageioEndpoint:
             con.request("GET", path)
             resp = con.getresponse()
             self._check(resp, "GET", path, (http.client.OK,))
-            return _json_reply(resp, "GET", self._where(path))
+            return _imageio_http.json_reply(resp, "GET", self._where(path))
 
         reply = self._call("GET", path, request)
         items = []
@@ -597,7 +575,7 @@ class ImageioEndpoint:
         path = self._route.target.path
 
         def request(con):
-            con.request("GET", path, headers={"Range": _range(0, 1)})
+            con.request("GET", path, headers={"Range": _imageio_http.byte_range(0, 1)})
             resp = con.getresponse()
             self._check(
                 resp,
@@ -651,7 +629,7 @@ class _Image:
     def size(self, endpoint):
         with self._lock:
             if self._size is None:
-                if FEATURE_EXTENTS in endpoint.features and not endpoint.writable:
+                if _imageio_http.FEATURE_EXTENTS in endpoint.features and not endpoint.writable:
                     # A download needs the map anyway; its end is the size.
                     self._extents = _ExtentMap(endpoint._fetch_extents())
                     self._size = self._extents.end
@@ -666,7 +644,7 @@ class _Image:
         size = self.size(endpoint)
         with self._lock:
             if self._extents is None:
-                if FEATURE_EXTENTS in endpoint.features:
+                if _imageio_http.FEATURE_EXTENTS in endpoint.features:
                     self._extents = _ExtentMap(endpoint._fetch_extents())
                 else:
                     # Without extents, everything may hold data.
@@ -688,323 +666,3 @@ class _ExtentMap:
         self.items = items
         self.starts = [ext.start for ext in items]
         self.end = items[-1].end if items else 0
-
-
-class _Options:
-    """What OPTIONS says about a ticket (handlers/images.py)."""
-
-    def __init__(self, status, allow, body):
-        # Old daemons answer 405 and old proxies 204: no features then.
-        info = {}
-        if status == http.client.OK:
-            try:
-                info = json.loads(body.decode("utf-8"))
-            except ValueError:
-                info = {}
-            if not isinstance(info, dict):
-                info = {}
-        self.features = frozenset(f for f in info.get("features", ()) if f in FEATURES)
-        self.unix_socket = info.get("unix_socket") or None
-        methods = {m.strip().upper() for m in (allow or "").split(",")}
-        self.writable = "PUT" in methods
-        # Servers that do not publish limits allow a single connection.
-        max_readers = _positive(info.get("max_readers"))
-        max_writers = _positive(info.get("max_writers"))
-        if allow is None:
-            self.max_connections = min(max_readers, max_writers)
-        elif self.writable:
-            self.max_connections = max_writers
-        else:
-            self.max_connections = max_readers
-
-
-class _Target:
-    """One URL of the ticket: the host daemon's or the proxy's."""
-
-    def __init__(self, url, role, context, connect_timeout, timeout):
-        parts = urlsplit(url)
-        try:
-            port = parts.port
-        except ValueError:
-            port = -1
-        if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
-            kind = "proxy" if role == USED_PROXY else "transfer"
-            raise Error(f"Invalid {kind} URL {url!r}: use https://HOST[:PORT]/images/TICKET")
-        self.url = url
-        self.role = role
-        self.scheme = parts.scheme
-        self.hostname = parts.hostname
-        self.port = port or (443 if parts.scheme == "https" else 80)
-        self.path = parts.path or "/"
-        self.base = f"{parts.scheme}://{parts.netloc}"
-        self.context = context if parts.scheme == "https" else None
-        self.connect_timeout = connect_timeout
-        self.timeout = timeout
-
-    def connect(self):
-        if self.context is not None:
-            con = _HTTPSConnection(
-                self.hostname, self.port, timeout=self.connect_timeout, context=self.context
-            )
-        else:
-            con = _HTTPConnection(self.hostname, self.port, timeout=self.connect_timeout)
-        con.read_timeout = self.timeout
-        try:
-            con.connect()
-        except BaseException:
-            con.close()
-            raise
-        return con
-
-    def connect_unix(self, path):
-        con = _UnixHTTPConnection(path, self.connect_timeout, self.timeout)
-        try:
-            con.connect()
-        except BaseException:
-            con.close()
-            raise
-        return con
-
-
-class _Route:
-    """How requests reach a target: over TCP, or the daemon's unix socket."""
-
-    def __init__(self, target, unix_socket=None):
-        self.target = target
-        self.unix_socket = unix_socket
-        self.used = USED_UNIX if unix_socket is not None else target.role
-
-    def connect(self):
-        if self.unix_socket is not None:
-            return self.target.connect_unix(self.unix_socket)
-        return self.target.connect()
-
-
-def _open_route(target, unix_socket_mode):
-    """Connect to target, ask OPTIONS, and move to the daemon's unix socket
-    when it runs here; return (route, connection, options).
-
-    OSError means the target cannot be reached; Error is the server's answer.
-    """
-    con = target.connect()
-    try:
-        con.request("OPTIONS", target.path)
-        resp = con.getresponse()
-        body = resp.read()
-        if resp.status not in (
-            http.client.OK,
-            http.client.NO_CONTENT,
-            http.client.METHOD_NOT_ALLOWED,
-        ):
-            raise _http_error("OPTIONS", target.url, resp, body[:ERROR_TEXT_LIMIT])
-        options = _Options(resp.status, resp.getheader("Allow"), body)
-        route = _Route(target)
-        if unix_socket_mode == "auto" and options.unix_socket and _is_local(con):
-            try:
-                unix_con = target.connect_unix(options.unix_socket)
-            except OSError:
-                # The daemon's socket may be private to its host; TCP works.
-                pass
-            else:
-                con.close()
-                con = unix_con
-                route = _Route(target, options.unix_socket)
-        return route, con, options
-    except http.client.HTTPException as e:
-        con.close()
-        raise Error(f"OPTIONS {target.url}: bad reply: {_describe(e)}") from None
-    except BaseException:
-        con.close()
-        raise
-
-
-class _ReadTimeoutMixin:
-    """Connects within the connect timeout, then waits up to read_timeout
-    for each reply."""
-
-    read_timeout = None
-
-    def connect(self):
-        super().connect()
-        self.sock.settimeout(self.read_timeout)
-
-
-class _HTTPConnection(_ReadTimeoutMixin, http.client.HTTPConnection):
-    pass
-
-
-class _HTTPSConnection(_ReadTimeoutMixin, http.client.HTTPSConnection):
-    pass
-
-
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    """HTTP over the daemon's local socket; a name starting with "\\0" is in
-    the abstract namespace."""
-
-    def __init__(self, path, connect_timeout, read_timeout):
-        super().__init__("localhost", timeout=connect_timeout)
-        self.socket_path = path
-        self.read_timeout = read_timeout
-
-    def connect(self):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self.socket_path)
-            sock.settimeout(self.read_timeout)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-
-
-def _ssl_context(ca_file, insecure):
-    try:
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file or None)
-    except (OSError, ssl.SSLError) as e:
-        raise Error(
-            f"Cannot load CA certificates from {ca_file!r}: {_describe(e)}: give the "
-            f"engine CA file (PEM)"
-        ) from None
-    if insecure:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-def _is_local(con):
-    """Whether the TCP connection ends on this machine: both ends have the
-    same address (a connection to 127.0.0.2 comes from 127.0.0.1, so only
-    the address the daemon listens on counts)."""
-    sock = con.sock
-    return sock is not None and sock.getsockname()[0] == sock.getpeername()[0]
-
-
-def _send_view(view):
-    def send(con):
-        con.send(view)
-
-    return send
-
-
-def _sendfile(sock, fd, offset, count):
-    """Send count bytes of the file fd from offset with sendfile(2); return
-    how many were sent (fewer when the file ends first)."""
-    out = sock.fileno()
-    timeout = sock.gettimeout()
-    sent = 0
-    while sent < count:
-        try:
-            n = os.sendfile(out, fd, offset + sent, count - sent)
-        except BlockingIOError:
-            # A socket with a timeout is non-blocking underneath.
-            _wait_writable(out, timeout)
-            continue
-        if n == 0:
-            break
-        sent += n
-    return sent
-
-
-def _send_file_copy(sock, fd, offset, count):
-    """Send count bytes of the file fd from offset through a buffer; return
-    how many were sent (fewer when the file ends first)."""
-    buf = bytearray(min(count, FILE_BUFFER))
-    view = memoryview(buf)
-    sent = 0
-    while sent < count:
-        n = os.preadv(fd, [view[: count - sent]], offset + sent)
-        if n == 0:
-            break
-        sock.sendall(view[:n])
-        sent += n
-    return sent
-
-
-def _wait_writable(fd, timeout):
-    poller = select.poll()
-    poller.register(fd, select.POLLOUT)
-    if not poller.poll(None if timeout is None else timeout * 1000):
-        raise socket.timeout("timed out")
-
-
-def _read_body(con, resp, view):
-    """Read resp's body, exactly len(view) bytes, into view.
-
-    http.client reads a body through a buffered file, three Python calls for
-    every TLS record (16 KiB); after what that buffer holds, reading the
-    socket itself saves about a tenth of a download's CPU.
-    """
-    sock = con.sock
-    if sock is None or resp.fp is None:
-        # The server closes the connection after this reply (http.client
-        # gave the socket to the response alone).
-        _read_exactly(resp, view)
-        return
-    length = len(view)
-    pos = resp.fp.readinto1(view)
-    while pos < length:
-        n = sock.recv_into(view[pos:], length - pos)
-        if not n:
-            raise _ConnectionLost(f"the server sent {pos} of {length} bytes")
-        pos += n
-    # The body is read: the connection is ready for the next request.
-    resp.close()
-
-
-def _read_exactly(resp, view):
-    pos = 0
-    length = len(view)
-    while pos < length:
-        n = resp.readinto(view[pos:])
-        if not n:
-            raise _ConnectionLost(f"the server sent {pos} of {length} bytes")
-        pos += n
-
-
-def _http_error(method, where, resp, text):
-    """The Error for an HTTP error answer; imageio's text ends with a newline."""
-    text = text.decode("utf-8", errors="replace").strip()
-    return Error(f"{method} {where}: {resp.status} {resp.reason}: {text}", status=resp.status)
-
-
-def _json_reply(resp, method, where):
-    data = resp.read()
-    try:
-        return json.loads(data.decode("utf-8"))
-    except ValueError:
-        raise Error(f"{method} {where}: the reply is not JSON: {data[:200]!r}") from None
-
-
-def _set_read_timeout(con, timeout):
-    con.read_timeout = timeout
-    if con.sock is not None:
-        con.sock.settimeout(timeout)
-
-
-def _range(offset, length):
-    return f"bytes={offset}-{offset + length - 1}"
-
-
-def _positive(value):
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    return 1
-
-
-def _describe(e):
-    """A short text for a connection failure, naming certificate problems."""
-    if isinstance(e, ssl.SSLCertVerificationError):
-        return (
-            f"certificate verification failed ({e.verify_message or e.reason}): give "
-            f"ca_file with the CA that signed the server's certificate (the engine CA), "
-            f"or use insecure"
-        )
-    if isinstance(e, http.client.RemoteDisconnected):
-        return "the server closed the connection"
-    if isinstance(e, (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError)):
-        return f"the server closed the connection ({e})"
-    if isinstance(e, http.client.IncompleteRead):
-        return f"the server closed the connection after {len(e.partial)} bytes of the reply"
-    text = str(e) or type(e).__name__
-    return text

@@ -22,6 +22,7 @@ from ansible_collections.thinair.ovirt.plugins.module_utils import (
     _engine,
     _image,
     _imageio,
+    _imageio_http,
     _nbd,
     _plan,
     _progress,
@@ -174,7 +175,7 @@ class _Session:
         endpoint = self.endpoint
         # With proxy=always the proxy is the only URL the endpoint knows.
         proxy = endpoint.url == self.transfer.proxy_url
-        result["endpoint"] = _imageio.USED_PROXY if proxy else endpoint.used
+        result["endpoint"] = _imageio_http.USED_PROXY if proxy else endpoint.used
         result["url"] = endpoint.url
         result["retries"] = endpoint.retries
         return result

@@ -16,6 +16,7 @@ from ansible_collections.thinair.ovirt.plugins.module_utils import (
     _file,
     _image,
     _nbd,
+    _nbd_endpoint,
     _qemu_img,
     _qemu_nbd,
 )
@@ -53,8 +54,8 @@ def copy_image(src_image, dst_image, dst_fmt="qcow2", is_zero=True, **kwargs):
         _qemu_nbd.serve(src_image, fmt=src_fmt, readonly=True) as src_export,
         _qemu_nbd.serve(dst_image, fmt=dst_fmt, readonly=False) as dst_export,
     ):
-        src = _copy.NbdEndpoint(src_export.url, allocation_depth=src_fmt != "raw")
-        dst = _copy.NbdEndpoint(dst_export.url, is_zero=is_zero)
+        src = _nbd_endpoint.NbdEndpoint(src_export.url, allocation_depth=src_fmt != "raw")
+        dst = _nbd_endpoint.NbdEndpoint(dst_export.url, is_zero=is_zero)
         try:
             return _copy.copy(src, dst, **kwargs)
         finally:
@@ -125,8 +126,8 @@ def test_copy_from_nbdkit_sparse_random(tmp_path):
     _qemu_img.create(dst_image, "qcow2", 64 * MiB)
     with running(cmd, sock):
         with _qemu_nbd.serve(dst_image, fmt="qcow2", readonly=False) as export:
-            src = _copy.NbdEndpoint(url)
-            dst = _copy.NbdEndpoint(export.url, is_zero=True)
+            src = _nbd_endpoint.NbdEndpoint(url)
+            dst = _nbd_endpoint.NbdEndpoint(export.url, is_zero=True)
             try:
                 stats = _copy.copy(src, dst, workers=4, request_size=256 * 1024)
             finally:
@@ -149,10 +150,10 @@ def test_nbd_requests_are_split(tmp_path):
     _qemu_img.create(dst_image, "raw", 64 * MiB)
     url = f"nbd+unix:///?socket={sock}"
     with running(cmd, sock):
-        src = _copy.NbdEndpoint(url)
+        src = _nbd_endpoint.NbdEndpoint(url)
         try:
             with _qemu_nbd.serve(dst_image, fmt="raw", readonly=False) as export:
-                dst = _copy.NbdEndpoint(export.url, is_zero=True)
+                dst = _nbd_endpoint.NbdEndpoint(export.url, is_zero=True)
                 try:
                     stats = _copy.copy(src, dst, workers=2, request_size=8 * MiB)
                 finally:
@@ -166,7 +167,7 @@ def test_nbd_requests_are_split(tmp_path):
     ]
     assert stats.data_bytes > 0
     assert sum(reads) >= stats.data_bytes
-    assert max(reads) == _copy.NBD_REQUEST_SIZE
+    assert max(reads) == _nbd_endpoint.NBD_REQUEST_SIZE
 
 
 def test_source_read_error_stops_every_worker(tmp_path):
@@ -177,8 +178,8 @@ def test_source_read_error_stops_every_worker(tmp_path):
     _qemu_img.create(dst_image, "qcow2", 32 * MiB)
     threads_before = threading.active_count()
     with running(cmd, sock), _qemu_nbd.serve(dst_image, fmt="qcow2", readonly=False) as export:
-        src = _copy.NbdEndpoint(f"nbd+unix:///?socket={sock}")
-        dst = _copy.NbdEndpoint(export.url, is_zero=True)
+        src = _nbd_endpoint.NbdEndpoint(f"nbd+unix:///?socket={sock}")
+        dst = _nbd_endpoint.NbdEndpoint(export.url, is_zero=True)
         try:
             with pytest.raises(_nbd.RequestError):
                 _copy.copy(src, dst, workers=4, request_size=1 * MiB)
@@ -213,7 +214,7 @@ def test_empty_8t_image_is_skipped(tmp_path):
 
 def test_extents_are_merged_and_cover_the_image(qcow2_image):
     with _qemu_nbd.serve(qcow2_image, fmt="qcow2") as export:
-        endpoint = _copy.NbdEndpoint(export.url, allocation_depth=True)
+        endpoint = _nbd_endpoint.NbdEndpoint(export.url, allocation_depth=True)
         try:
             extents = list(endpoint.extents())
         finally:

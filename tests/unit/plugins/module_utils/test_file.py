@@ -22,6 +22,7 @@ from ansible_collections.thinair.ovirt.plugins.module_utils import (
     _copy,
     _file,
     _image,
+    _nbd_endpoint,
     _qcow2,
     _qemu_img,
     _qemu_nbd,
@@ -174,7 +175,7 @@ def test_open_endpoint_copies_every_image(images, tmp_path, name, dst_fmt):
     image = images[name]
     out = str(tmp_path / f"out.{dst_fmt}")
     with _image.open_endpoint(image, None) as src:
-        expected = _file.FileReader if IMAGES[name] == DIRECT else _copy.NbdEndpoint
+        expected = _file.FileReader if IMAGES[name] == DIRECT else _nbd_endpoint.NbdEndpoint
         assert isinstance(src, expected)
         assert src.size == _qemu_img.info(image)["virtual-size"]
         with _image.create_endpoint(out, dst_fmt, src.size) as dst:
@@ -198,7 +199,7 @@ def test_extents_match_qemu_nbd(images, name):
     # inside it; the reader calls the bytes past the end zeros.
     end = info["virtual-size"] // (4 * KiB) * (4 * KiB)
     with _image.open_endpoint(image, fmt) as direct, _qemu_nbd.serve(image, fmt=fmt) as export:
-        nbd = _copy.NbdEndpoint(export.url, allocation_depth=fmt != "raw")
+        nbd = _nbd_endpoint.NbdEndpoint(export.url, allocation_depth=fmt != "raw")
         try:
             assert layout(direct.extents(0, end)) == layout(nbd.extents(0, end))
             window = (3 * MiB + 8 * KiB, 10 * MiB + 4 * KiB)
@@ -357,7 +358,7 @@ def test_wrong_format(images):
 def test_huge_map_is_left_to_qemu_nbd(images, monkeypatch):
     monkeypatch.setattr(_file, "MAX_MAP_EXTENTS", 3)
     with _image.open_endpoint(images["qcow2"], "qcow2") as src:
-        assert isinstance(src, _copy.NbdEndpoint)
+        assert isinstance(src, _nbd_endpoint.NbdEndpoint)
 
 
 # Writing.
@@ -511,7 +512,7 @@ def test_create_endpoint_other_formats_use_qemu_nbd(images, tmp_path):
         _image.open_endpoint(images["qcow2"], "qcow2") as src,
         _image.create_endpoint(out, "vmdk", src.size) as dst,
     ):
-        assert isinstance(dst, _copy.NbdEndpoint)
+        assert isinstance(dst, _nbd_endpoint.NbdEndpoint)
         _copy.copy(src, dst)
     compare(images["qcow2"], out)
 
@@ -522,7 +523,7 @@ def test_copy_from_nbdkit_into_qcow2_writer(tmp_path, nbd_servers):
         "sparse-random", "size=32M", "percent=30", "runlength=12288", "seed=11"
     )
     out = str(tmp_path / "out.qcow2")
-    src = _copy.NbdEndpoint(server.url)
+    src = _nbd_endpoint.NbdEndpoint(server.url)
     try:
         with _image.create_endpoint(out, "qcow2", src.size) as dst:
             stats = _copy.copy(src, dst, workers=4, request_size=256 * KiB)

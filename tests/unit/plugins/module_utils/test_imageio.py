@@ -26,6 +26,8 @@ from ansible_collections.thinair.ovirt.plugins.module_utils import (
     _file,
     _image,
     _imageio,
+    _imageio_http,
+    _nbd_endpoint,
     _qemu_img,
     _qemu_nbd,
 )
@@ -153,12 +155,12 @@ def test_upload(imageio_lab, make_ticket, source, route):
         transfer_url = unreachable(transfer_url)
     with (
         _qemu_nbd.serve(source, fmt="qcow2") as export,
-        contextlib.closing(_copy.NbdEndpoint(export.url, allocation_depth=True)) as src,
+        contextlib.closing(_nbd_endpoint.NbdEndpoint(export.url, allocation_depth=True)) as src,
         endpoint(imageio_lab, ticket, transfer_url=transfer_url, is_zero=True) as dst,
     ):
         assert dst.used == route
         assert dst.url == (ticket.proxy_url if route == "proxy" else ticket.transfer_url)
-        assert dst.features == _imageio.FEATURES
+        assert dst.features == _imageio_http.FEATURES
         assert dst.writable
         assert dst.max_connections == 8
         assert dst.size == IMAGE_SIZE
@@ -257,7 +259,7 @@ def test_upload_qcow2_to_file_ticket(imageio_lab, make_ticket, source):
     ticket = make_ticket(imageio_lab.host, capacity, fmt="raw", backend="file")
     with (
         _qemu_nbd.serve(source, fmt="raw") as export,
-        contextlib.closing(_copy.NbdEndpoint(export.url)) as src,
+        contextlib.closing(_nbd_endpoint.NbdEndpoint(export.url)) as src,
         endpoint(imageio_lab, ticket, is_zero=True) as dst,
     ):
         assert dst.max_connections == 1
@@ -279,14 +281,14 @@ def test_upload_from_file(imageio_lab, make_ticket, source, tmp_path, monkeypatc
         image = str(tmp_path / "source.raw")
         subprocess.run(["qemu-img", "convert", "-O", "raw", source, image], check=True)
     sent = []
-    real_sendfile = _imageio._sendfile
+    real_sendfile = _imageio_http.sendfile
 
     def counting_sendfile(sock, fd, offset, count):
         n = real_sendfile(sock, fd, offset, count)
         sent.append(n)
         return n
 
-    monkeypatch.setattr(_imageio, "_sendfile", counting_sendfile)
+    monkeypatch.setattr(_imageio_http, "sendfile", counting_sendfile)
     ticket = make_ticket(host_for(imageio_lab, route), IMAGE_SIZE)
     transfer_url = ticket.transfer_url
     if route == "proxy":
@@ -370,7 +372,7 @@ def test_download(imageio_lab, make_ticket, source, tmp_path, route):
         assert zeros == [_copy.Extent(9 * MiB, 1 * MiB, True, False)]
         with (
             _qemu_nbd.serve(target, fmt="qcow2", readonly=False) as export,
-            contextlib.closing(_copy.NbdEndpoint(export.url, is_zero=True)) as dst,
+            contextlib.closing(_nbd_endpoint.NbdEndpoint(export.url, is_zero=True)) as dst,
         ):
             stats = _copy.copy(src, dst, workers=4)
     assert stats.data_bytes == DATA_BYTES
