@@ -3,15 +3,17 @@
 
 """The data path alone: move an image to or from an open image transfer.
 
-    python bench/data_path.py ours|imageio upload IMAGE TRANSFER_URL CA_FILE
+    python bench/data_path.py ours|imageio|ceiling upload IMAGE TRANSFER_URL CA_FILE
     python bench/data_path.py ours|imageio download OUTPUT TRANSFER_URL CA_FILE [FORMAT]
 
 "ours" is the collection's module_utils (_image.open_endpoint and
 create_endpoint on the local side: the file itself for raw and plain qcow2
 images, qemu-nbd otherwise; our imageio client on the other); "imageio" is
 ovirt_imageio.client, what ovirt-img runs. Both use 4 connections and skip
-zeros on the new disk. Downloads write FORMAT, qcow2 by default. Prints one
-JSON line with this process's peak RSS.
+zeros on the new disk. "ceiling" sends the image's data extents as ours
+does, from memory, reading nothing: what the server and the connections
+allow. Downloads write FORMAT, qcow2 by default. Prints one JSON line with
+this process's peak RSS.
 """
 
 from __future__ import annotations
@@ -48,6 +50,42 @@ def ours(direction, image, url, ca_file, fmt):
             src.close()
 
 
+class FromMemory:
+    """An image's extents as a copy source whose data is whatever the copy's
+    buffers hold (random bytes, written once a buffer): nothing is read."""
+
+    def __init__(self, endpoint, filled=None):
+        self._endpoint = endpoint
+        self._filled = set() if filled is None else filled
+        self.size = endpoint.size
+        self.max_connections = endpoint.max_connections
+        self.max_request = endpoint.max_request
+
+    def clone(self):
+        return FromMemory(self._endpoint.clone(), self._filled)
+
+    def extents(self, offset=0, length=None):
+        return self._endpoint.extents(offset, length)
+
+    def readinto(self, offset, buf):
+        if id(buf.obj) not in self._filled:
+            self._filled.add(id(buf.obj))
+            whole = memoryview(buf.obj)
+            whole[:] = os.urandom(len(whole))
+
+    def close(self):
+        self._endpoint.close()
+
+
+def ceiling(direction, image, url, ca_file, fmt):
+    with _image.open_endpoint(image, None) as src:
+        dst = _imageio.ImageioEndpoint(url, ca_file=ca_file, is_zero=True)
+        try:
+            _copy.copy(FromMemory(src), dst, workers=WORKERS)
+        finally:
+            dst.close()
+
+
 def imageio(direction, image, url, ca_file, fmt):
     from ovirt_imageio import client
 
@@ -60,7 +98,9 @@ def imageio(direction, image, url, ca_file, fmt):
 def main():
     client, direction, image, url, ca_file = sys.argv[1:6]
     fmt = sys.argv[6] if len(sys.argv) > 6 else "qcow2"
-    {"ours": ours, "imageio": imageio}[client](direction, image, url, ca_file, fmt)
+    {"ours": ours, "imageio": imageio, "ceiling": ceiling}[client](
+        direction, image, url, ca_file, fmt
+    )
     print(json.dumps({"peak_rss": peak_rss()}))
 
 

@@ -11,14 +11,18 @@ random data in 64 MiB runs, as raw and as qcow2, (b) an empty 8 TiB qcow2;
 once with qemu-nbd on both sides (NBD in between), once with the core's
 direct file access (what uploads and downloads use for local images). With
 qemu-nbd on both sides, qemu-img convert between the same two exports is a
-second reference: what the NBD arrangement itself costs.
+second reference: what the NBD arrangement itself costs. Then the source
+export is read through a proxy delaying everything 2 ms each way (a remote
+export), against our loopback time and qemu-img through the same proxy.
 
 transfer: on a lab (host on 127.0.0.2, so imageio is reached over TLS),
 upload the 6 GiB qcow2 to nfs1 and iscsi1, download it back to qcow2, and
 upload the empty 8 TiB qcow2: end to end (ansible-playbook running the module
 against the ovirt-img CLI) and the data path alone (module_utils against
-ovirt_imageio.client, into the same kind of disk and transfer), with
-`qemu-img convert` of the same image between local files as the limit.
+ovirt_imageio.client, into the same kind of disk and transfer), with the
+ceiling (the same data extents sent from memory over the same connections,
+nothing read) and `qemu-img convert` of the same image between local files
+as limits.
 
 vm: on a lab, engine start to a running VM, to the guest's ready line and to
 up, and a live storage migration against qemu-img convert (bench/vms.py).
@@ -67,6 +71,8 @@ QEMU_IMG_CONVERT = ["qemu-img", "convert", "-t", "none", "-O", "qcow2"]
 DATA_IMAGE_SIZE = 6 * GiB
 DATA_RUN = 64 * MiB
 DATA_RUNS = 24  # 1.5 GiB
+# copy: the latency of the link to a remote source export, each way.
+DELAY_MS = 2
 
 
 def main():
@@ -95,14 +101,18 @@ def main():
         print_load_table(rows)
     elif args.suite == "copy":
         rows = copy_suite(args.dir, args.rounds)
-        print_table(rows, "qemu-img")
+        print_table([r for r in rows if "qemu-img" in r], "qemu-img")
         print()
         print_table([r for r in rows if "qemu-img over NBD" in r], "qemu-img over NBD")
+        print()
+        print_table([r for r in rows if "loopback" in r], "loopback")
     else:
         rows = transfer_suite(args.dir, args.rounds, args.host_address)
         print_table([r for r in rows if "ovirt-img" in r], "ovirt-img")
         print()
         print_table([r for r in rows if "imageio" in r], "imageio")
+        print()
+        print_table([r for r in rows if "ceiling" in r], "ceiling")
         print()
         print_table([r for r in rows if "qemu-img" in r], "qemu-img")
     with open(os.path.join(args.dir, f"{args.suite}.json"), "w") as f:
@@ -128,6 +138,15 @@ def copy_suite(workdir, rounds):
             if not options:
                 row["qemu-img over NBD"] = best(rounds, [*ours, image, out, "--qemu-img"], out)
                 check_identical(image, out)
+            rows.append(row)
+        if image != empty:
+            # The source export read through a link with latency, both ways.
+            delay = ["--delay", str(DELAY_MS)]
+            row = {"case": f"{name}, source {DELAY_MS} ms away", "loopback": rows[-2]["ours"]}
+            row["ours"] = best(rounds, [*ours, image, out, *delay], out)
+            check_identical(image, out)
+            row["qemu-img over NBD"] = best(rounds, [*ours, image, out, "--qemu-img", *delay], out)
+            check_identical(image, out)
             rows.append(row)
     return rows
 
@@ -167,7 +186,7 @@ def transfer_suite(workdir, rounds, host_address):
                                     after=partial(remove_disks, engine))  # fmt: skip
             rows.append(row)
             data_row = {"case": name + ", data path"}
-            for client in ("ours", "imageio"):
+            for client in ("ours", "imageio", "ceiling"):
                 data_row[client] = best(
                     rounds,
                     partial(data_path_upload, engine, info, client, spec, domain, image),

@@ -26,6 +26,8 @@ destination whose ``can_write_from_file`` is true takes it with
 
 from __future__ import annotations
 
+import collections
+import queue
 import threading
 import time
 from collections import namedtuple
@@ -39,6 +41,10 @@ MAX_ZERO = GiB
 DEFAULT_REQUEST_SIZE = 8 * MiB
 
 DEFAULT_WORKERS = 4
+
+# Buffers a worker reads into ahead of its writes: one being written while
+# the other is read. Each is a request (8 MiB): memory stays flat.
+READ_AHEAD = 2
 
 
 class Extent(namedtuple("Extent", "start length zero hole")):
@@ -193,25 +199,121 @@ def _work(src, dst, items, zero_destination, stats, progress, failed):
     file_range = None
     if getattr(dst, "can_write_from_file", False):
         file_range = getattr(src, "file_range", None)
-    view = None
-    while not failed.is_set():
-        item = items.next()
-        if item is None:
-            return
-        offset, length, zero = item
-        if zero:
-            if zero_destination:
-                dst.zero(offset, length)
-        else:
-            where = file_range(offset, length) if file_range is not None else None
+    if file_range is not None:
+        view = None
+        while not failed.is_set():
+            item = items.next()
+            if item is None:
+                return
+            offset, length, zero = item
+            where = None if zero else file_range(offset, length)
             if where is not None:
                 dst.write_from_file(offset, where[0], where[1], length)
+            elif zero:
+                if zero_destination:
+                    dst.zero(offset, length)
             else:
                 if view is None:
                     view = aligned_buffer(items.request_size)
-                chunk = view[:length]
-                src.readinto(offset, chunk)
-                dst.write(offset, chunk)
-        stats.add(length, zero)
-        if progress is not None:
-            progress(stats)
+                src.readinto(offset, view[:length])
+                dst.write(offset, view[:length])
+            _done(stats, progress, length, zero)
+        return
+    with _ReadAhead(src, items, failed) as reads:
+        for offset, length, zero, buf in reads:
+            if zero:
+                if zero_destination:
+                    dst.zero(offset, length)
+            else:
+                dst.write(offset, buf[:length])
+                reads.release(buf)
+            _done(stats, progress, length, zero)
+
+
+def _done(stats, progress, length, zero):
+    stats.add(length, zero)
+    if progress is not None:
+        progress(stats)
+
+
+class _ReadAhead:
+    """Reads a worker's items in a thread of its own, into READ_AHEAD
+    buffers, ahead of the writes: reading overlaps sending, and memory stays
+    bounded. A source with ``submit_readinto(offset, buf)`` (returning a
+    function that waits for the data) has every free buffer's read in flight
+    at once. Iterating yields (offset, length, zero, buffer); release() gives
+    a buffer back once written."""
+
+    def __init__(self, src, items, failed):
+        self._src = src
+        self._items = items
+        self._failed = failed
+        self._free = queue.Queue()
+        for _slot in range(READ_AHEAD):
+            self._free.put(aligned_buffer(items.request_size))
+        self._ready = queue.Queue()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def __iter__(self):
+        while True:
+            got = self._ready.get()
+            if got is None:
+                return
+            if isinstance(got, BaseException):
+                raise got
+            yield got
+
+    def release(self, buf):
+        self._free.put(buf)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        # A None buffer stops the reader once its reads in flight are done.
+        self._free.put(None)
+        self._thread.join()
+
+    def _read(self):
+        inflight = collections.deque()
+        try:
+            more = True
+            while more or inflight:
+                more = more and self._submit(inflight)
+                if inflight:
+                    offset, length, zero, buf, finish = inflight.popleft()
+                    if finish is not None:
+                        finish()
+                    self._ready.put((offset, length, zero, buf))
+        except BaseException as e:  # raised in the writing thread
+            self._ready.put(e)
+            return
+        self._ready.put(None)
+
+    def _submit(self, inflight):
+        """Start reading items into the free buffers (waiting for one only
+        when nothing is in flight); False once there is nothing more to read."""
+        submit = getattr(self._src, "submit_readinto", None)
+        while not self._failed.is_set():
+            try:
+                buf = self._free.get(block=not inflight)
+            except queue.Empty:
+                return True
+            if buf is None:
+                return False
+            item = self._items.next()
+            if item is None:
+                self._free.put(buf)
+                return False
+            offset, length, zero = item
+            finish = None
+            if zero:
+                self._free.put(buf)
+                buf = None
+            elif submit is not None:
+                finish = submit(offset, buf[:length])
+            else:
+                self._src.readinto(offset, buf[:length])
+            inflight.append((offset, length, zero, buf, finish))
+        return False

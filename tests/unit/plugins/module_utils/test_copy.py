@@ -189,6 +189,63 @@ def test_source_read_error_stops_every_worker(tmp_path):
     assert threading.active_count() == threads_before
 
 
+def test_reads_are_in_flight_together(tmp_path):
+    """A worker keeps its reads in flight together: every piece of a request
+    and the next request's, on one connection. The server takes 100 ms a
+    read, so its log shows reads started before the first one returns."""
+    sock = str(tmp_path / "nbdkit.sock")
+    log = tmp_path / "nbdkit.log"
+    cmd = ["nbdkit", "-f", "-U", sock, "--exit-with-parent", "--filter=log", "--filter=delay",
+           "sparse-random", "size=32M", "percent=100", "seed=5", "delay-read=100ms",
+           f"logfile={log}"]  # fmt: skip
+    dst_image = str(tmp_path / "dst.raw")
+    _qemu_img.create(dst_image, "raw", 32 * MiB)
+    url = f"nbd+unix:///?socket={sock}"
+    with running(cmd, sock):
+        src = _nbd_endpoint.NbdEndpoint(url)
+        try:
+            with _qemu_nbd.serve(dst_image, fmt="raw", readonly=False) as export:
+                dst = _nbd_endpoint.NbdEndpoint(export.url, is_zero=True)
+                try:
+                    _copy.copy(src, dst, workers=1, request_size=8 * MiB)
+                finally:
+                    dst.close()
+        finally:
+            src.close()
+        subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", url, dst_image], check=True)
+    outstanding = set()
+    most = 0
+    for line in log.read_text().splitlines():
+        started = re.search(r"connection=(\d+) Read id=(\d+)", line)
+        returned = re.search(r"connection=(\d+) \.\.\.Read id=(\d+)", line)
+        if started:
+            outstanding.add(started.groups())
+            most = max(most, len(outstanding))
+        elif returned:
+            outstanding.discard(returned.groups())
+    pieces = 8 * MiB // _nbd_endpoint.NBD_REQUEST_SIZE
+    assert most >= 2 * pieces
+
+
+def test_destination_write_error_stops_every_worker(tmp_path, qcow2_image):
+    """A write fails while the workers' readers are reading ahead: the copy
+    raises the write's error and leaves no thread behind."""
+    sock = str(tmp_path / "nbdkit.sock")
+    cmd = ["nbdkit", "-f", "-U", sock, "--exit-with-parent", "--filter=error", "memory",
+           "size=32M", "error-pwrite=ENOSPC", "error-pwrite-rate=1"]  # fmt: skip
+    threads_before = threading.active_count()
+    with running(cmd, sock), _qemu_nbd.serve(qcow2_image, fmt="qcow2") as export:
+        src = _nbd_endpoint.NbdEndpoint(export.url, allocation_depth=True)
+        dst = _nbd_endpoint.NbdEndpoint(f"nbd+unix:///?socket={sock}", is_zero=True)
+        try:
+            with pytest.raises(_nbd.RequestError, match="ENOSPC"):
+                _copy.copy(src, dst, workers=4, request_size=1 * MiB)
+        finally:
+            src.close()
+            dst.close()
+    assert threading.active_count() == threads_before
+
+
 def test_destination_too_small(tmp_path, qcow2_image):
     dst = str(tmp_path / "small.qcow2")
     _qemu_img.create(dst, "qcow2", 10 * MiB)
