@@ -23,7 +23,7 @@ import time
 
 CHUNK = 1024**2
 # Chunks in flight a direction: more than a 2 ms link holds at full speed.
-BUFFERS = 4
+BUFFERS = 16
 
 
 def forward(source, dest, delay):

@@ -125,7 +125,25 @@ def reader(file, info, check=None):
     return None
 
 
-class FileReader:
+class _FileEndpoint:
+    """What the endpoints of a File share: its size and limits, and releasing
+    the File (closed with the last of them)."""
+
+    def __init__(self, file, size, is_zero):
+        self._file = file
+        self.path = file.path
+        self.size = size
+        self.is_zero = is_zero
+        self.max_connections = MAX_CONNECTIONS
+        self.max_request = MAX_REQUEST
+
+    def close(self):
+        if self._file is not None:
+            self._file.release()
+            self._file = None
+
+
+class FileReader(_FileEndpoint):
     """A local raw or qcow2 image read from its file, as a copy source.
 
     Has the shape of _nbd_endpoint.NbdEndpoint, plus file_range(): where a guest
@@ -133,13 +151,8 @@ class FileReader:
     """
 
     def __init__(self, file, size, extent_map=None):
-        self._file = file
+        super().__init__(file, size, is_zero=False)
         self._map = extent_map
-        self.path = file.path
-        self.size = size
-        self.is_zero = False
-        self.max_connections = MAX_CONNECTIONS
-        self.max_request = MAX_REQUEST
 
     @property
     def format(self):
@@ -188,11 +201,6 @@ class FileReader:
             return None
         return self._file.fd, found
 
-    def close(self):
-        if self._file is not None:
-            self._file.release()
-            self._file = None
-
     def __repr__(self):
         return f"<FileReader {self.format} {self.path!r}>"
 
@@ -213,7 +221,7 @@ class FileReader:
             fill_zeros(view[n:])
 
 
-class RawWriter:
+class RawWriter(_FileEndpoint):
     """A new sparse raw image written in place, as a copy destination."""
 
     def __init__(self, path, size, _file=None):
@@ -224,12 +232,7 @@ class RawWriter:
             except OSError as e:
                 _file.release()
                 raise FileError(f"cannot create image '{path}': {e.strerror}") from None
-        self._file = _file
-        self.path = path
-        self.size = size
-        self.is_zero = True
-        self.max_connections = MAX_CONNECTIONS
-        self.max_request = MAX_REQUEST
+        super().__init__(_file, size, is_zero=True)
 
     def clone(self):
         self._file.acquire()
@@ -276,11 +279,6 @@ class RawWriter:
             self._file.sync()
         except OSError as e:
             raise FileError(f"cannot flush image '{self.path}': {e.strerror}") from None
-
-    def close(self):
-        if self._file is not None:
-            self._file.release()
-            self._file = None
 
     def __repr__(self):
         return f"<RawWriter {self.path!r}>"

@@ -112,21 +112,10 @@ class Target:
         else:
             con = _HTTPConnection(self.hostname, self.port, timeout=self.connect_timeout)
         con.read_timeout = self.timeout
-        try:
-            con.connect()
-        except BaseException:
-            con.close()
-            raise
-        return con
+        return _connected(con)
 
     def connect_unix(self, path):
-        con = _UnixHTTPConnection(path, self.connect_timeout, self.timeout)
-        try:
-            con.connect()
-        except BaseException:
-            con.close()
-            raise
-        return con
+        return _connected(_UnixHTTPConnection(path, self.connect_timeout, self.timeout))
 
 
 class Route:
@@ -219,6 +208,16 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
             sock.close()
             raise
         self.sock = sock
+
+
+def _connected(con):
+    """con, connected; closed when it cannot connect."""
+    try:
+        con.connect()
+    except BaseException:
+        con.close()
+        raise
+    return con
 
 
 def ssl_context(ca_file, insecure):
