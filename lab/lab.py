@@ -37,6 +37,8 @@ import time
 import urllib.parse
 import urllib.request
 
+from lab.host.process import alive
+
 USERNAME = "admin@internal"
 DEFAULT_HOST_ADDRESS = "127.0.0.2"
 ENGINE_ADDRESS = "127.0.0.1"
@@ -197,7 +199,7 @@ class Lab:
 
     def _wait_exit(self, pid, timeout) -> bool:
         deadline = time.monotonic() + timeout
-        while _alive(pid):
+        while alive(pid):
             if self._child is not None and self._child.pid == pid:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self._child.wait(0.1)
@@ -454,7 +456,7 @@ def _answers(info) -> bool:
 
 def _is_lab_process(pid, directory) -> bool:
     """True if pid is alive and is the lab process serving directory."""
-    if not isinstance(pid, int) or not _alive(pid):
+    if not isinstance(pid, int) or not alive(pid):
         return False
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -462,15 +464,6 @@ def _is_lab_process(pid, directory) -> bool:
     except OSError:
         return False
     return b"serve" in argv and os.fsencode(directory) in argv
-
-
-def _alive(pid) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def _tail(path, lines=30) -> str:

@@ -123,17 +123,27 @@ def free_port(address) -> int:
 
 def start_time(pid):
     """The process start time in clock ticks since boot, or None if gone."""
+    fields = _stat(pid)
+    if fields is None or fields[0] == "Z":
+        return None
+    return int(fields[19])
+
+
+def alive(pid) -> bool:
+    """Whether the process runs (a zombie waiting for its parent does not)."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def _stat(pid):
+    """The fields of /proc/PID/stat from the state on, or None if gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
     except OSError:
         return None
     # The command name (field 2) may hold spaces and parentheses.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    state, start = fields[0], fields[19]
-    if state == "Z":
-        return None
-    return int(start)
+    return stat[stat.rindex(")") + 2 :].split()
 
 
 def terminate_foreign(pid, start):

@@ -105,16 +105,21 @@ def fault_text(e):
     return str(e)
 
 
-def run_module(module, work):
-    """Run work(engine) for a module that only talks to the engine, logged
-    in with the module's auth, timeout and poll_interval, and exit with the
-    result it returns; an EngineError fails the module. The session ends in
-    any case."""
+def run_module(module, work, failures=None, stopped="{} before it finished", cleanup=None):
+    """Run work(engine) for a module, logged in with the module's auth,
+    timeout and poll_interval, and exit with the result it returns.
+
+    failures: the errors that fail the module with their message
+        (EngineError by default). stopped: the message of a module stopped
+        by a signal, {} being the signal. cleanup: called at the end in any
+        case, after the session ends.
+    """
     if SDK_IMPORT_ERROR:
         module.fail_json(
             msg=missing_required_lib("ovirt-engine-sdk-python"), exception=SDK_IMPORT_ERROR
         )
     params = module.params
+    failures = failures or EngineError
     engine = None
     with _signals.stop_on_signals():
         try:
@@ -122,12 +127,14 @@ def run_module(module, work):
                             poll_interval=params["poll_interval"])  # fmt: skip
             result = work(engine)
         except _signals.Stopped as e:
-            module.fail_json(msg=f"{e} before it finished")
-        except EngineError as e:
+            module.fail_json(msg=stopped.format(e))
+        except failures as e:
             module.fail_json(msg=str(e), exception=traceback.format_exc())
         finally:
             if engine is not None:
                 engine.close()
+            if cleanup is not None:
+                cleanup()
     module.exit_json(**result)
 
 

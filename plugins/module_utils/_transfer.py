@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import traceback
-
-from ansible.module_utils.basic import missing_required_lib
 
 from ansible_collections.thinair.ovirt.plugins.module_utils import (
     _checksum,
@@ -55,11 +52,6 @@ FAILURES = (
 
 def run_module(module, action, description):
     """Run upload or download for a module and exit with its result."""
-    if _engine.SDK_IMPORT_ERROR:
-        module.fail_json(
-            msg=missing_required_lib("ovirt-engine-sdk-python"),
-            exception=_engine.SDK_IMPORT_ERROR,
-        )
     params = module.params
     if not 1 <= params["max_workers"] <= 8:
         module.fail_json(msg="max_workers must be between 1 and 8")
@@ -68,37 +60,33 @@ def run_module(module, action, description):
     progress = _progress.Progress(params["progress_file"], description=description)
     # The whole operation's deadline: the copy gives up when it passes.
     deadline = _engine.Deadline(params["timeout"], params["poll_interval"])
-    engine = None
-    with _signals.stop_on_signals():
-        try:
-            engine = _engine.Engine(
-                params["auth"], timeout=params["timeout"], poll_interval=params["poll_interval"]
-            )
-            options = dict(
-                params,
-                ca_file=params["auth"].get("ca_file"),
-                insecure=params["auth"].get("insecure"),
-                workers=params["max_workers"],
-                request_size=params["buffer_size"],
-                deadline=deadline,
-            )
-            if params["transfer_host"]:
-                options["host_id"] = engine.host_by_name(params["transfer_host"]).id
-            stale = [] if module.check_mode else _stale.end_stale(engine)
-            result = action(engine, options, progress, check_mode=module.check_mode)
-            if stale:
-                result["stale_transfers"] = stale
-            if engine.retries:
-                result["engine_retries"] = engine.retries
-        except _signals.Stopped as e:
-            module.fail_json(msg=f"{e}; what the module had started was undone")
-        except FAILURES as e:
-            module.fail_json(msg=str(e), exception=traceback.format_exc())
-        finally:
-            if engine is not None:
-                engine.close()
-            progress.remove()
-    module.exit_json(**result)
+
+    def work(engine):
+        options = dict(
+            params,
+            ca_file=params["auth"].get("ca_file"),
+            insecure=params["auth"].get("insecure"),
+            workers=params["max_workers"],
+            request_size=params["buffer_size"],
+            deadline=deadline,
+        )
+        if params["transfer_host"]:
+            options["host_id"] = engine.host_by_name(params["transfer_host"]).id
+        stale = [] if module.check_mode else _stale.end_stale(engine)
+        result = action(engine, options, progress, check_mode=module.check_mode)
+        if stale:
+            result["stale_transfers"] = stale
+        if engine.retries:
+            result["engine_retries"] = engine.retries
+        return result
+
+    _engine.run_module(
+        module,
+        work,
+        failures=FAILURES,
+        stopped="{}; what the module had started was undone",
+        cleanup=progress.remove,
+    )
 
 
 def disk_result(disk, storage_domain=None):

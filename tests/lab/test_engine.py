@@ -26,6 +26,7 @@ from ovirt_imageio import client
 from ovirt_imageio._internal import http as imageio_http
 from ovirtsdk4 import types
 
+from lab.host.process import alive
 from lab.lab import Hooks, Lab
 from lab.pki import Pki
 from tests.helpers import wait_for
@@ -980,13 +981,3 @@ def test_start_stop_ten_times(tmp_path):
 
 def lab_hooks(info):
     return Hooks(info["hooks_url"], info["ca_file"])
-
-
-def alive(pid):
-    """True for a running process (a zombie waiting for its parent is not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except FileNotFoundError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"

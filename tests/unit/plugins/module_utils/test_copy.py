@@ -139,15 +139,15 @@ def test_copy_from_nbdkit_sparse_random(tmp_path):
     assert 0 < stats.data_bytes < stats.size
 
 
-def test_nbd_requests_are_split(tmp_path):
-    """A copy's 8 MiB requests reach the NBD servers as 2 MiB ones, and the
-    data arrives whole."""
+def copy_from_nbdkit(tmp_path, plugin_args, size, workers):
+    """Copy what nbdkit serves (its log filter on) into a new raw image in
+    8 MiB requests and compare them; the copy's stats and nbdkit's log."""
     sock = str(tmp_path / "nbdkit.sock")
     log = tmp_path / "nbdkit.log"
-    cmd = ["nbdkit", "-f", "-U", sock, "--exit-with-parent", "--filter=log", "sparse-random",
-           "size=64M", "percent=50", "runlength=16777216", "seed=3", f"logfile={log}"]  # fmt: skip
+    cmd = ["nbdkit", "-f", "-U", sock, "--exit-with-parent", "--filter=log", *plugin_args,
+           f"logfile={log}"]  # fmt: skip
     dst_image = str(tmp_path / "dst.raw")
-    _qemu_img.create(dst_image, "raw", 64 * MiB)
+    _qemu_img.create(dst_image, "raw", size)
     url = f"nbd+unix:///?socket={sock}"
     with running(cmd, sock):
         src = _nbd_endpoint.NbdEndpoint(url)
@@ -155,15 +155,22 @@ def test_nbd_requests_are_split(tmp_path):
             with _qemu_nbd.serve(dst_image, fmt="raw", readonly=False) as export:
                 dst = _nbd_endpoint.NbdEndpoint(export.url, is_zero=True)
                 try:
-                    stats = _copy.copy(src, dst, workers=2, request_size=8 * MiB)
+                    stats = _copy.copy(src, dst, workers=workers, request_size=8 * MiB)
                 finally:
                     dst.close()
         finally:
             src.close()
         subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", url, dst_image], check=True)
+    return stats, log.read_text()
+
+
+def test_nbd_requests_are_split(tmp_path):
+    """A copy's 8 MiB requests reach the NBD servers as 2 MiB ones, and the
+    data arrives whole."""
+    plugin = ["sparse-random", "size=64M", "percent=50", "runlength=16777216", "seed=3"]
+    stats, log = copy_from_nbdkit(tmp_path, plugin, 64 * MiB, workers=2)
     reads = [
-        int(c, 16)
-        for c in re.findall(r"Read id=\d+ offset=0x[0-9a-f]+ count=(0x[0-9a-f]+)", log.read_text())
+        int(c, 16) for c in re.findall(r"Read id=\d+ offset=0x[0-9a-f]+ count=(0x[0-9a-f]+)", log)
     ]
     assert stats.data_bytes > 0
     assert sum(reads) >= stats.data_bytes
@@ -193,29 +200,12 @@ def test_reads_are_in_flight_together(tmp_path):
     """A worker keeps its reads in flight together: every piece of a request
     and the next request's, on one connection. The server takes 100 ms a
     read, so its log shows reads started before the first one returns."""
-    sock = str(tmp_path / "nbdkit.sock")
-    log = tmp_path / "nbdkit.log"
-    cmd = ["nbdkit", "-f", "-U", sock, "--exit-with-parent", "--filter=log", "--filter=delay",
-           "sparse-random", "size=32M", "percent=100", "seed=5", "delay-read=100ms",
-           f"logfile={log}"]  # fmt: skip
-    dst_image = str(tmp_path / "dst.raw")
-    _qemu_img.create(dst_image, "raw", 32 * MiB)
-    url = f"nbd+unix:///?socket={sock}"
-    with running(cmd, sock):
-        src = _nbd_endpoint.NbdEndpoint(url)
-        try:
-            with _qemu_nbd.serve(dst_image, fmt="raw", readonly=False) as export:
-                dst = _nbd_endpoint.NbdEndpoint(export.url, is_zero=True)
-                try:
-                    _copy.copy(src, dst, workers=1, request_size=8 * MiB)
-                finally:
-                    dst.close()
-        finally:
-            src.close()
-        subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", url, dst_image], check=True)
+    plugin = ["--filter=delay", "sparse-random", "size=32M", "percent=100", "seed=5",
+              "delay-read=100ms"]  # fmt: skip
+    _stats, log = copy_from_nbdkit(tmp_path, plugin, 32 * MiB, workers=1)
     outstanding = set()
     most = 0
-    for line in log.read_text().splitlines():
+    for line in log.splitlines():
         started = re.search(r"connection=(\d+) Read id=(\d+)", line)
         returned = re.search(r"connection=(\d+) \.\.\.Read id=(\d+)", line)
         if started:
