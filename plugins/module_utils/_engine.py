@@ -474,13 +474,8 @@ class Engine:
     def cancel_transfer(self, transfer_id, disk_id=None, timeout=300):
         """Cancel, and wait until the transfer has ended and, for an upload,
         the engine has removed the disk (disk_id)."""
-        service = self.system.image_transfers_service().image_transfer_service(transfer_id)
         with contextlib.suppress(sdk.NotFoundError):
-            self.call(
-                service.cancel,
-                what=f"cancel transfer {transfer_id}",
-                taken=lambda: self._phase_left(transfer_id, _TRANSFER_OPEN),
-            )
+            self._end_transfer(transfer_id, "cancel")
         deadline = self.deadline(timeout)
         while True:
             transfer = self.transfer(transfer_id)
@@ -503,12 +498,7 @@ class Engine:
         failure_ok: a transfer that ends in finished_failure is not an error,
         if the disk is OK.
         """
-        service = self.system.image_transfers_service().image_transfer_service(transfer_id)
-        self.call(
-            service.finalize,
-            what=f"finalize transfer {transfer_id}",
-            taken=lambda: self._phase_left(transfer_id, _TRANSFER_OPEN),
-        )
+        self._end_transfer(transfer_id, "finalize")
         deadline = self.deadline(timeout)
         while True:
             transfer = self.transfer(transfer_id)
@@ -543,6 +533,16 @@ class Engine:
             if deadline.expired():
                 raise EngineError(f"transfer {transfer_id} did not finish within {timeout} s")
             deadline.sleep()
+
+    def _end_transfer(self, transfer_id, action):
+        """Send cancel or finalize; a call whose answer was lost is not sent
+        again once the transfer has left the open phases."""
+        service = self.system.image_transfers_service().image_transfer_service(transfer_id)
+        self.call(
+            getattr(service, action),
+            what=f"{action} transfer {transfer_id}",
+            taken=lambda: self._phase_left(transfer_id, _TRANSFER_OPEN),
+        )
 
     # Disk moves
 

@@ -142,6 +142,16 @@ class _FileEndpoint:
             self._file.release()
             self._file = None
 
+    def _read_file(self, offset, view, file_offset):
+        """Read the file at file_offset into view, for the image's offset;
+        the bytes read."""
+        try:
+            return self._file.read(file_offset, view)
+        except OSError as e:
+            raise FileError(
+                f"cannot read image '{self.path}' at offset {offset}: {e.strerror}"
+            ) from None
+
 
 class FileReader(_FileEndpoint):
     """A local raw or qcow2 image read from its file, as a copy source.
@@ -205,12 +215,7 @@ class FileReader(_FileEndpoint):
         return f"<FileReader {self.format} {self.path!r}>"
 
     def _read(self, offset, view, file_offset, past_end_zeros):
-        try:
-            n = self._file.read(file_offset, view)
-        except OSError as e:
-            raise FileError(
-                f"cannot read image '{self.path}' at offset {offset}: {e.strerror}"
-            ) from None
+        n = self._read_file(offset, view, file_offset)
         if n < len(view):
             if not past_end_zeros:
                 raise FileError(
@@ -246,12 +251,7 @@ class RawWriter(_FileEndpoint):
     def readinto(self, offset, buf):
         view = byte_view(buf)
         check_range("read", offset, len(view), self.size)
-        try:
-            n = self._file.read(offset, view)
-        except OSError as e:
-            raise FileError(
-                f"cannot read image '{self.path}' at offset {offset}: {e.strerror}"
-            ) from None
+        n = self._read_file(offset, view, offset)
         fill_zeros(view[n:])
 
     def write(self, offset, buf):

@@ -1,7 +1,7 @@
 # Copyright: thinair.ovirt contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 
-"""qemu-img: inspect, measure, check, map and create images.
+"""qemu-img: inspect, check, map and create images.
 
 Every image qemu reads is welcome: raw, qcow2 (compressed too), vmdk, vhdx,
 vdi, qed, and NBD URLs (``nbd://``, ``nbds://``, ``nbd+unix://``,
@@ -103,18 +103,6 @@ def info(image, fmt=None, backing_chain=False, tls_certs=None, force_share=False
         result = dict(chain[0])
         result["chain"] = chain
     return result
-
-
-def measure(image, out_format, fmt=None, tls_certs=None):
-    """Return ``qemu-img measure --output=json`` for converting image to out_format.
-
-    "required" is the size a new sparse image needs, "fully-allocated" the
-    size of a preallocated one.
-    """
-    source = ImageSource(image, fmt, tls_certs)
-    cmd = [QEMU_IMG, "measure", "--output=json", "-O", out_format]
-    out = _run(cmd + source.qemu_img_args(), "cannot measure image", image, source.explain)
-    return json.loads(out)
 
 
 def check(image, fmt=None, tls_certs=None):
@@ -271,7 +259,7 @@ class ImageSource:
             check(self.image, fmt=self.format, tls_certs=self.tls_certs)
 
     def qemu_img_args(self):
-        """Arguments of qemu-img info/measure/check naming this image."""
+        """Arguments of qemu-img info/check naming this image."""
         if self.tls:
             return [*self._object_args(), self._json(with_format=self.format is not None)]
         args = ["-f", self.format] if self.format else []

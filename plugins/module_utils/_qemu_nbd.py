@@ -164,33 +164,14 @@ class Export:
 
 
 @contextmanager
-def serve(
-    image,
-    fmt=None,
-    readonly=True,
-    shared=SERVE_CONNECTIONS,
-    allocation_depth=None,
-    bitmap=None,
-    cache=None,
-    aio=None,
-    discard=True,
-    detect_zeroes=None,
-    export_name="",
-    timeout=10.0,
-    tls_certs=None,
-    checked=False,
-):
+def serve(image, fmt=None, timeout=10.0, tls_certs=None, checked=False, **options):
     """Serve image with qemu-nbd on a private unix socket; yield an Export.
 
     fmt: probed with qemu-img info when not given; qemu-nbd itself is
         always told the format, so it never probes a raw image.
-    allocation_depth: report qemu:allocation-depth; default on for all
-        formats but raw.
-    cache, aio: see _command().
-    discard, detect_zeroes: for writable exports: pass discard requests down
-        (unmap), and turn zero writes into zero requests ("unmap" with
-        discard, else "on").
     tls_certs: client credentials directory to read a TLS NBD source.
+    options: how to export, as _command() takes them; shared defaults to
+        SERVE_CONNECTIONS here.
 
     Non-raw images are checked with qemu-img check first (unless checked
     says the caller did), so a truncated or corrupt image fails here instead
@@ -198,26 +179,15 @@ def serve(
     and the directory removed when the block ends, whatever ends it; if the
     calling thread dies without unwinding, the kernel stops qemu-nbd.
     """
-    source = _qemu_img.ImageSource(image, fmt, tls_certs, readonly=readonly)
+    options.setdefault("shared", SERVE_CONNECTIONS)
+    source = _qemu_img.ImageSource(image, fmt, tls_certs, readonly=options.get("readonly", True))
     if not checked:
         source.verify()
     directory = tempfile.mkdtemp(prefix="thinair-qemu-nbd-")
     try:
         sock = os.path.join(directory, "sock")
         log = os.path.join(directory, "qemu-nbd.log")
-        argv = _command(
-            source,
-            ["--socket=" + sock],
-            readonly=readonly,
-            shared=shared,
-            export_name=export_name,
-            allocation_depth=allocation_depth,
-            bitmap=bitmap,
-            cache=cache,
-            aio=aio,
-            discard=discard,
-            detect_zeroes=detect_zeroes,
-        )
+        argv = _command(source, ["--socket=" + sock], **options)
         with open(log, "wb") as stderr:
             proc = _popen(
                 argv,
@@ -240,19 +210,11 @@ def serve(
 def export_command(
     image,
     fmt=None,
-    readonly=True,
     address="127.0.0.1",
     port=_nbd_wire.NBD_DEFAULT_PORT,
     socket=None,
-    export_name="",
     tls_certs=None,
-    shared=8,
-    allocation_depth=None,
-    bitmap=None,
-    cache=None,
-    aio=None,
-    discard=True,
-    detect_zeroes=None,
+    **options,
 ):
     """Return the qemu-nbd command line of a long-lived export of image.
 
@@ -261,14 +223,16 @@ def export_command(
     path, used instead of address and port. tls_certs: directory with
     qemu's server files (ca-cert.pem, server-cert.pem, server-key.pem);
     clients then need a certificate signed by that CA (qemu verifies
-    peers). Other options as for serve(). Reads the image (format probe)
-    but changes nothing.
+    peers). options: how to export, as _command() takes them. Reads the
+    image (format probe) but changes nothing.
     """
     if image.startswith("nbds"):
         raise QemuError(
             f"cannot export image '{image}': exporting a TLS NBD source is not supported"
         )
-    source = _qemu_img.ImageSource(image, fmt, None, readonly=readonly, force_share=True)
+    source = _qemu_img.ImageSource(
+        image, fmt, None, readonly=options.get("readonly", True), force_share=True
+    )
     if socket is not None:
         if not os.path.isabs(socket):
             raise QemuError(f"socket must be an absolute path, not '{socket}'")
@@ -279,20 +243,7 @@ def export_command(
         endpoint = ["--bind=" + address, f"--port={port}"]
     if tls_certs is not None:
         endpoint += _server_tls_args(tls_certs)
-    return _command(
-        source,
-        endpoint,
-        daemon=True,
-        readonly=readonly,
-        shared=shared,
-        export_name=export_name,
-        allocation_depth=allocation_depth,
-        bitmap=bitmap,
-        cache=cache,
-        aio=aio,
-        discard=discard,
-        detect_zeroes=detect_zeroes,
-    )
+    return _command(source, endpoint, daemon=True, **options)
 
 
 def verify(export):
@@ -395,24 +346,32 @@ def stop(pid, timeout=10.0):
 def _command(
     source,
     endpoint,
-    readonly,
-    shared,
-    export_name,
-    allocation_depth,
-    bitmap,
-    cache,
-    aio,
-    discard,
-    detect_zeroes,
     daemon=False,
+    readonly=True,
+    shared=8,
+    export_name="",
+    allocation_depth=None,
+    bitmap=None,
+    cache=None,
+    aio=None,
+    discard=True,
+    detect_zeroes=None,
 ):
     """Build a qemu-nbd command line in one canonical form (--long=value).
 
+    shared: how many clients at once (0: no limit).
+    allocation_depth: report qemu:allocation-depth; default on for all
+        formats but raw.
+    bitmap: a dirty bitmap of the image to export as qemu:dirty-bitmap.
     cache, aio: by default a writable export of a file that supports O_DIRECT
-    writes with none + native (straight to storage, as vdsm runs qemu-nbd);
-    a read-only export reads through the page cache (writeback + threads),
-    as qemu-img convert reads its source: the kernel reads ahead, and data
-    already in the cache is not read from the storage again.
+        writes with none + native (straight to storage, as vdsm runs
+        qemu-nbd); a read-only export reads through the page cache
+        (writeback + threads), as qemu-img convert reads its source: the
+        kernel reads ahead, and data already in the cache is not read from
+        the storage again.
+    discard, detect_zeroes: for writable exports: pass discard requests down
+        (unmap), and turn zero writes into zero requests ("unmap" with
+        discard, else "on").
     """
     fmt = source.probe()
     if cache is None:

@@ -273,6 +273,30 @@ def test_failure_before_the_vm_runs_leaves_nothing(lab, ansible, sources, tmp_pa
     assert_nothing_left(lab, tmp_path)
 
 
+def test_vms_are_imported_side_by_side(lab, ansible, sources, tmp_path):
+    # Each VM on a host of its own: one whose image is missing is undone,
+    # the other is imported with exports of its own.
+    boot, data = sources
+    other = f"{VM}-b"
+    extra = import_vars(lab, boot, data, quick_import_keep=False)
+    extra["quick_import_vms"].append(
+        dict(extra["quick_import_vms"][0], name=other,
+             disks=[{"image": boot}, {"image": str(tmp_path / "missing.qcow2")}])
+    )  # fmt: skip
+    results = run(ansible, "import_vm.yml", extra)
+    failed = failures(results)
+    assert {r["host"] for r in failed} == {f"quick_import_{other}"}
+    assert "The import failed and was undone" in failed[-1]["msg"]
+    assert vm_state(lab)["status"] in ("powering_up", "up")
+    assert [v for v in lab.hooks.state()["vms"] if v["name"] == other] == []
+    assert [d for d in lab.hooks.state()["disks"] if d["alias"].startswith(other)] == []
+    ports = sorted(line.split("--port=")[1].split()[0] for line in exports_of(tmp_path))
+    assert ports == [str(PORT), str(PORT + 1)]
+    results = run(ansible, "rollback_vm.yml", rollback_vars(lab, rollback_import_force=True))
+    assert failures(results) == []
+    assert_nothing_left(lab, tmp_path)
+
+
 def test_as_awx_runs_them(lab, sources, tmp_path, monkeypatch):
     """Both playbooks as AWX job templates run them: through ansible-runner,
     the credentials in OVIRT_* environment variables, the rest in extra vars;

@@ -8,9 +8,9 @@ name: results_file
 type: aggregate
 short_description: Write every task result to a JSON file for the tests
 description:
-  - Appends each task result (ok, changed, failed, skipped, unreachable) to a list and writes
-    it as JSON to the file named by the C(THINAIR_TEST_RESULTS) environment variable when the
-    playbook ends.
+  - Appends each task result (ok, changed, failed, skipped, unreachable), with its task and host,
+    to a list and writes it as JSON to the file named by the C(THINAIR_TEST_RESULTS) environment
+    variable when the playbook ends.
 """
 
 import json  # noqa: E402 - after DOCUMENTATION, as Ansible plugins are laid out
@@ -33,6 +33,7 @@ class CallbackModule(CallbackBase):
         entry = dict(result._result)
         entry.update(status)
         entry["task"] = result._task.get_name()
+        entry["host"] = result._host.get_name()
         self._results.append(entry)
 
     def v2_runner_on_ok(self, result):

@@ -198,7 +198,7 @@ def exports():
         _qemu_nbd.stop(export.pid)
 
 
-# info, measure, check
+# info, check
 
 
 @pytest.mark.parametrize("name", IMAGES)
@@ -230,18 +230,6 @@ def test_info_backing_chain(tmp_path, images):
     assert result["format"] == "qcow2"
     assert result["backing-filename"] == "base.qcow2"
     assert [i["filename"] for i in result["chain"]] == [str(top), str(base)]
-
-
-@pytest.mark.parametrize("name", IMAGES)
-def test_measure(images, name):
-    data = sum(length for _offset, length in DATA)
-    reference = _qemu_img.measure(images["src"], "qcow2")
-    qcow2 = _qemu_img.measure(images[name], "qcow2")
-    assert data <= qcow2["required"] <= qcow2["fully-allocated"]
-    # A preallocated target depends on the virtual size only.
-    assert qcow2["fully-allocated"] == reference["fully-allocated"]
-    raw = _qemu_img.measure(images[name], "raw")
-    assert raw["required"] == raw["fully-allocated"] == SIZE
 
 
 @pytest.mark.parametrize("name", IMAGES)
@@ -281,11 +269,10 @@ def test_check_reports_leaks_without_failing(tmp_path, images):
 # NBD URLs as images
 
 
-def test_info_measure_check_nbd_url(images):
+def test_info_check_nbd_url(images):
     with _qemu_nbd.serve(images["qcow2"]) as export:
         assert _qemu_img.info(export.url)["format"] == "raw"
         assert _qemu_img.info(export.url)["virtual-size"] == SIZE
-        assert _qemu_img.measure(export.url, "qcow2")["fully-allocated"] >= SIZE
         assert _qemu_img.check(export.url)["checked"] is False
 
 
@@ -541,7 +528,7 @@ def test_version():
 # Bad input: a clear error naming the image, and nothing left behind.
 
 
-@pytest.mark.parametrize("call", ["info", "measure", "check", "serve", "is_iso"])
+@pytest.mark.parametrize("call", ["info", "check", "serve", "is_iso"])
 def test_missing_file(tmp_path, private_tmp, call):
     path = str(tmp_path / "missing.qcow2")
     with pytest.raises(_qemu_img.QemuError) as e:
@@ -550,7 +537,7 @@ def test_missing_file(tmp_path, private_tmp, call):
     assert_clean(private_tmp)
 
 
-@pytest.mark.parametrize("call", ["info", "measure", "check", "serve", "is_iso"])
+@pytest.mark.parametrize("call", ["info", "check", "serve", "is_iso"])
 def test_directory(tmp_path, private_tmp, call):
     with pytest.raises(_qemu_img.QemuError) as e:
         run(call, str(tmp_path))
@@ -559,8 +546,6 @@ def test_directory(tmp_path, private_tmp, call):
 
 
 def run(call, image):
-    if call == "measure":
-        return _qemu_img.measure(image, "qcow2")
     if call == "serve":
         with _qemu_nbd.serve(image):
             pytest.fail("serve() must fail")
@@ -658,7 +643,7 @@ def test_nbd_url_nothing_listening(tmp_path, private_tmp):
         pass
     url = f"nbd+unix:///?socket={tmp_path}/nobody.sock"
     with pytest.raises(_qemu_img.QemuError, match="No such file or directory"):
-        _qemu_img.measure(url, "qcow2")
+        _qemu_img.info(url)
     with (
         pytest.raises(_qemu_img.QemuError, match="No such file or directory"),
         _qemu_nbd.serve(url, "raw"),
