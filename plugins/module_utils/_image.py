@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 
 from ansible_collections.thinair.ovirt.plugins.module_utils import (
     _checksum,
@@ -97,31 +97,30 @@ def open_source(image, fmt=None, page_cache=True):
     qemu-img info runs once, and qemu-img check for formats other than raw.
     A raw file, or a qcow2 file whose data lies uncompressed in the file
     itself, is read from the file (_file.FileReader); anything else is
-    served by qemu-nbd (_nbd_endpoint.NbdEndpoint).
+    served by qemu-nbd (_nbd_endpoint.NbdEndpoint), which locks the file
+    before this function lets go of it.
     page_cache: see _file.open_locked().
     """
-    file = _file.open_locked(image, page_cache=page_cache)
-    try:
-        info = _qemu_img.info(image, fmt=fmt)
-        # What qemu-nbd would serve wrongly (corrupt, truncated) fails here.
-        check = _qemu_img.check(image, fmt=info["format"]) if info["format"] != "raw" else None
-        endpoint = _file.reader(file, info, check) if file is not None else None
-    finally:
-        if file is not None:
-            # A reader of the file holds a reference of its own.
-            file.release()
-    if endpoint is not None:
+    with ExitStack() as stack:
+        file = _file.open_locked(image, page_cache=page_cache)
         try:
-            yield Source(image, info, endpoint)
+            info = _qemu_img.info(image, fmt=fmt)
+            # What qemu-nbd would serve wrongly (corrupt, truncated) fails here.
+            check = _qemu_img.check(image, fmt=info["format"]) if info["format"] != "raw" else None
+            endpoint = _file.reader(file, info, check) if file is not None else None
+            if endpoint is None:
+                export = stack.enter_context(
+                    _qemu_nbd.serve(image, fmt=info["format"], checked=True)
+                )
+                endpoint = _nbd_endpoint.NbdEndpoint(
+                    export.url, allocation_depth=export.format != "raw"
+                )
+            stack.callback(endpoint.close)
         finally:
-            endpoint.close()
-        return
-    with _qemu_nbd.serve(image, fmt=info["format"], checked=True) as export:
-        endpoint = _nbd_endpoint.NbdEndpoint(export.url, allocation_depth=export.format != "raw")
-        try:
-            yield Source(image, info, endpoint)
-        finally:
-            endpoint.close()
+            if file is not None:
+                # A reader of the file holds a reference of its own.
+                file.release()
+        yield Source(image, info, endpoint)
 
 
 @contextmanager
