@@ -10,7 +10,8 @@ With --qemu-img, qemu-img convert copies between the same two qemu-nbd
 exports instead of the core: what moving the data over NBD costs C code.
 With --delay MS the source export is read through a proxy that delays what
 it forwards by MS milliseconds each way (bench/delay_proxy.py), as a remote
-export would be. Prints one JSON line: the copy's stats and the peak RSS of
+export would be; --delay 0 goes through the proxy without delay (what the
+proxy itself costs). Prints one JSON line: the copy's stats and the peak RSS of
 this process.
 
     python bench/copy_image.py SRC DST [--workers N] [--direct | --qemu-img] [--delay MS]
@@ -55,7 +56,7 @@ def main():
     parser.add_argument("--workers", type=int, default=_copy.DEFAULT_WORKERS)
     parser.add_argument("--direct", action="store_true")
     parser.add_argument("--qemu-img", action="store_true")
-    parser.add_argument("--delay", type=float, default=0)
+    parser.add_argument("--delay", type=float, default=None)
     args = parser.parse_args()
 
     info = _qemu_img.info(args.src)
@@ -71,7 +72,7 @@ def main():
     print(json.dumps({"peak_rss": peak_rss(), **stats.as_dict()}))
 
 
-def copy_over_nbd(src_image, dst_image, info, workers, qemu_img=False, delay=0):
+def copy_over_nbd(src_image, dst_image, info, workers, qemu_img=False, delay=None):
     _qemu_img.create(dst_image, "qcow2", info["virtual-size"])
     with (
         _qemu_nbd.serve(src_image, fmt=info["format"], readonly=True) as src_export,
@@ -99,7 +100,7 @@ def copy_over_nbd(src_image, dst_image, info, workers, qemu_img=False, delay=0):
 @contextlib.contextmanager
 def delayed(export, delay):
     """The URL reading export, through a delaying proxy when delay is set."""
-    if not delay:
+    if delay is None:
         yield export.url
         return
     sock = export.socket + ".delayed"
