@@ -67,18 +67,23 @@ class LabFixture:
         finally:
             con.close()
 
-    def connection(self, **kwargs):
-        """A new ovirtsdk4 connection to the lab engine; close it when done."""
-        import ovirtsdk4
-
-        options = {
+    def auth(self, **changes):
+        """How to log in to the lab engine: the keys of the modules' auth
+        option, which an ovirtsdk4 Connection takes too."""
+        auth = {
             "url": self.engine_url,
             "username": self.username,
             "password": self.password,
             "ca_file": self.ca_file,
         }
-        options.update(kwargs)
-        return ovirtsdk4.Connection(**options)
+        auth.update(changes)
+        return auth
+
+    def connection(self, **kwargs):
+        """A new ovirtsdk4 connection to the lab engine; close it when done."""
+        import ovirtsdk4
+
+        return ovirtsdk4.Connection(**self.auth(**kwargs))
 
 
 @pytest.fixture(scope="session")

@@ -24,27 +24,16 @@ SPEC = {
 }
 
 
-def auth_of(lab, **changes):
-    auth = {
-        "url": lab.engine_url,
-        "username": lab.username,
-        "password": lab.password,
-        "ca_file": lab.ca_file,
-    }
-    auth.update(changes)
-    return auth
-
-
 @pytest.fixture
 def engine(lab):
-    engine = _engine.Engine(auth_of(lab), timeout=60, poll_interval=0.2)
+    engine = _engine.Engine(lab.auth(), timeout=60, poll_interval=0.2)
     yield engine
     engine.close()
 
 
 def test_wrong_password(lab):
     with pytest.raises(_engine.EngineError, match="cannot connect to the engine: authentication"):
-        _engine.Engine(auth_of(lab, password="wrong"))
+        _engine.Engine(lab.auth(password="wrong"))
 
 
 def test_no_credentials(lab):
@@ -55,7 +44,7 @@ def test_no_credentials(lab):
 def test_untrusted_certificate(lab):
     # Without the lab's CA, the system's CAs do not know the engine.
     with pytest.raises(_engine.EngineError, match=r"is not trusted .* set auth\.ca_file"):
-        _engine.Engine(auth_of(lab, ca_file=None))
+        _engine.Engine(lab.auth(ca_file=None))
 
 
 def test_unknown_storage_domain(engine):

@@ -23,13 +23,7 @@ MiB = 1024**2
 
 @pytest.fixture
 def engine(lab):
-    auth = {
-        "url": lab.engine_url,
-        "username": lab.username,
-        "password": lab.password,
-        "ca_file": lab.ca_file,
-    }
-    engine = _engine.Engine(auth, timeout=120, poll_interval=0.2)
+    engine = _engine.Engine(lab.auth(), timeout=120, poll_interval=0.2)
     yield engine
     engine.close()
 
