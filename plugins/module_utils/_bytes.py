@@ -14,6 +14,9 @@ MiB = 1024**2
 GiB = 1024**3
 TiB = 1024**4
 
+# A block of zeros to write from, read-only.
+ZEROS = memoryview(bytes(MiB))
+
 
 def byte_view(buf):
     """A one-dimensional memoryview of buf's bytes, whatever its item type."""

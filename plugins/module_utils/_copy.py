@@ -21,7 +21,9 @@ length)``, ``flush()``, ``close()``. Two optional members let data skip the
 copy's buffer: a source's ``file_range(offset, length)`` gives ``(fd, file
 offset)`` where a range lies in one piece of a local file (or None), and a
 destination whose ``can_write_from_file`` is true takes it with
-``write_from_file(offset, fd, file_offset, length)``.
+``write_from_file(offset, fd, file_offset, length)``. A source's
+``forwarder(dst)`` may give a function that copies a range to dst without
+the data entering this process (NBD to NBD over plain sockets).
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ MAX_ZERO = GiB
 DEFAULT_REQUEST_SIZE = 8 * MiB
 
 DEFAULT_WORKERS = 4
+
+# Connections a copy forwarding data from NBD to NBD uses at most: moving
+# the data costs this process next to nothing, two connections keep both
+# servers busy, and more add only the servers' own overhead (bench/run.py copy).
+FORWARD_WORKERS = 2
 
 # Buffers a worker reads into ahead of its writes: one being written while
 # the other is read. Each is a request (8 MiB): memory stays flat.
@@ -124,6 +131,9 @@ def copy(
         zero_destination = not dst.is_zero
     request_size = min(request_size, src.max_request, dst.max_request)
     workers = max(1, min(workers, src.max_connections, dst.max_connections))
+    forwarder = getattr(src, "forwarder", None)
+    if forwarder is not None and forwarder(dst) is not None:
+        workers = min(workers, FORWARD_WORKERS)
 
     stats = Stats(src.size)
     stats.connections = workers
@@ -194,6 +204,11 @@ class _WorkItems:
 
 
 def _work(src, dst, items, zero_destination, stats, progress, failed):
+    forward = getattr(src, "forwarder", None)
+    forward = forward(dst) if forward is not None else None
+    if forward is not None:
+        _forward(forward, dst, items, zero_destination, stats, progress, failed)
+        return
     # Data goes from the source's file straight to the destination when both
     # can (a local file to imageio's unix socket): no copy in this process.
     file_range = None
@@ -228,6 +243,31 @@ def _work(src, dst, items, zero_destination, stats, progress, failed):
                 dst.write(offset, buf[:length])
                 reads.release(buf)
             _done(stats, progress, length, zero)
+
+
+def _forward(forward, dst, items, zero_destination, stats, progress, failed):
+    """Copy the items with forward(offset, length), which sends a copy and
+    returns a function waiting for it, READ_AHEAD + 1 items in flight."""
+    pending = collections.deque()
+    while not failed.is_set():
+        item = items.next()
+        if item is None:
+            break
+        offset, length, zero = item
+        if zero:
+            if zero_destination:
+                dst.zero(offset, length)
+            _done(stats, progress, length, zero)
+            continue
+        pending.append((length, forward(offset, length)))
+        if len(pending) > READ_AHEAD:
+            length, finish = pending.popleft()
+            finish()
+            _done(stats, progress, length, False)
+    while pending:
+        length, finish = pending.popleft()
+        finish()
+        _done(stats, progress, length, False)
 
 
 def _done(stats, progress, length, zero):

@@ -34,7 +34,7 @@ from array import array
 from contextlib import closing
 
 from ansible_collections.thinair.ovirt.plugins.module_utils import _copy, _qemu_img
-from ansible_collections.thinair.ovirt.plugins.module_utils._bytes import KiB, MiB, byte_view
+from ansible_collections.thinair.ovirt.plugins.module_utils._bytes import ZEROS, KiB, MiB, byte_view
 
 # Direct I/O needs offsets, lengths and buffer addresses aligned to the
 # device's logical block size; 4 KiB suits every common device.
@@ -581,18 +581,15 @@ def check_range(what, offset, length, size):
         )
 
 
-_ZEROS = memoryview(bytes(ZERO_CHUNK))
-
-
 def fill_zeros(view):
     for pos in range(0, len(view), ZERO_CHUNK):
         part = view[pos : pos + ZERO_CHUNK]
-        part[:] = _ZEROS[: len(part)]
+        part[:] = ZEROS[: len(part)]
 
 
 def write_zeros(file, offset, length):
     for pos in range(0, length, ZERO_CHUNK):
-        file.write_metadata(offset + pos, _ZEROS[: min(ZERO_CHUNK, length - pos)])
+        file.write_metadata(offset + pos, ZEROS[: min(ZERO_CHUNK, length - pos)])
 
 
 def _libc_fallocate():

@@ -11,14 +11,19 @@ client per worker (when the server sets NBD_FLAG_CAN_MULTI_CONN).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+import select
 import socket
 import ssl
 
-from ansible_collections.thinair.ovirt.plugins.module_utils._bytes import byte_view
+from ansible_collections.thinair.ovirt.plugins.module_utils._bytes import ZEROS, byte_view
 from ansible_collections.thinair.ovirt.plugins.module_utils._nbd_handshake import (
     HandshakeMixin,
     reason,
 )
+from ansible_collections.thinair.ovirt.plugins.module_utils._nbd_replies import RepliesMixin
 from ansible_collections.thinair.ovirt.plugins.module_utils._nbd_url import (
     Address,
     format_url,
@@ -27,16 +32,9 @@ from ansible_collections.thinair.ovirt.plugins.module_utils._nbd_url import (
 from ansible_collections.thinair.ovirt.plugins.module_utils._nbd_wire import (
     BASE_ALLOCATION,
     CHUNK,
-    COMMAND_NAMES,
-    DATA_OFFSET,
     DEFAULT_MINIMUM_BLOCK_SIZE,
     DEFAULT_PREFERRED_BLOCK_SIZE,
-    ERROR,
-    ERROR_NAMES,
-    ERROR_OFFSET,
-    EXTENT,
     HOLE,
-    MAGIC,
     MAX_PAYLOAD,
     MAX_STATUS_LENGTH,
     MAX_ZERO_LENGTH,
@@ -53,20 +51,8 @@ from ansible_collections.thinair.ovirt.plugins.module_utils._nbd_wire import (
     NBD_EINVAL,
     NBD_ENOTSUP,
     NBD_EPERM,
-    NBD_ESHUTDOWN,
-    NBD_REPLY_FLAG_DONE,
-    NBD_REPLY_TYPE_BLOCK_STATUS,
-    NBD_REPLY_TYPE_ERROR_BIT,
-    NBD_REPLY_TYPE_ERROR_OFFSET,
-    NBD_REPLY_TYPE_NONE,
-    NBD_REPLY_TYPE_OFFSET_DATA,
-    NBD_REPLY_TYPE_OFFSET_HOLE,
     NBD_REQUEST_MAGIC,
-    NBD_SIMPLE_REPLY_MAGIC,
-    NBD_STRUCTURED_REPLY_MAGIC,
     REQUEST,
-    SIMPLE_REPLY,
-    STATUS_CONTEXT,
     Error,
     OptionError,
     ProtocolError,
@@ -79,14 +65,9 @@ from ansible_collections.thinair.ovirt.plugins.module_utils._nbd_wire import (
 # replies never waits on a client that is still sending writes.
 MAX_IN_FLIGHT = 16
 
-# Error chunks are small; anything larger is a broken server.
-_MAX_ERROR_CHUNK = 64 * 1024
-# A block status chunk should hold at most 2**20 extents; allow twice that.
-_MAX_STATUS_CHUNK = 4 + 8 * (1 << 21)
-
-
-# Holes in read replies are filled from this block of zeros.
-_ZEROS = memoryview(bytes(1024**2))
+# Forwarded data passes through a pipe of this size (the most an unprivileged
+# process may ask for by default, /proc/sys/fs/pipe-max-size).
+_PIPE_SIZE = 1024**2
 
 
 # Connection states.
@@ -96,7 +77,7 @@ _FAILED = "failed"
 _CLOSED = "closed"
 
 
-class Client(HandshakeMixin):
+class Client(HandshakeMixin, RepliesMixin):
     """A connection to one NBD export.
 
     address: Address or NBD URL. export: overrides the URL's export name.
@@ -144,6 +125,7 @@ class Client(HandshakeMixin):
         self._state = _HANDSHAKE
         self._failure = None
         self._sock = None
+        self._pipe = None  # (read fd, write fd) that forwarded data passes through
         self._send_vectored = True
         self._tls_started = False
         self._client_certificate = False
@@ -297,6 +279,42 @@ class Client(HandshakeMixin):
         """Send the requests zeroing length bytes at offset; returns a handle for wait()."""
         return self._submit_zero(offset, length, punch_hole, False)
 
+    def can_forward_to(self, sink):
+        """Whether submit_forward can move data from this export to sink: both
+        connections are plain sockets (splice(2) cannot see through TLS)."""
+        return (
+            hasattr(os, "splice")
+            and sink is not self
+            and not self.tls
+            and not sink.tls
+            and self._state == _READY
+            and sink._state == _READY
+        )
+
+    def submit_forward(self, offset, length, sink, request_size=None):
+        """Copy length bytes at offset to the same offset of sink, another
+        client, without the data entering this process: each read reply's
+        payload is spliced from this socket through a pipe into a write on
+        sink's socket, holes become zero requests there.
+
+        Returns (handle, sink handle): wait(handle) reads and forwards the
+        replies; then sink.wait(sink handle) waits for sink's answers.
+        """
+        if not self.can_forward_to(sink):
+            raise ValueError(f"cannot forward from {self.url} to {sink.url}")
+        self._check_range("read", offset, length)
+        sink._check_writable("write", offset, length)
+        step = min(self.maximum_block_size, sink.maximum_block_size)
+        if request_size is not None:
+            step = min(step, request_size)
+        handle, operation = self._new_operation()
+        sink_handle, sink_operation = sink._new_operation()
+        for pos in range(0, length, step):
+            size = min(step, length - pos)
+            request = self._send_request(operation, NBD_CMD_READ, 0, offset + pos, size)
+            request.sink = (sink, sink_operation)
+        return handle, sink_handle
+
     def wait(self, handle):
         """Read replies until the requests of handle complete; raise its first error."""
         operation = self._operations.get(handle)
@@ -349,11 +367,7 @@ class Client(HandshakeMixin):
     def __repr__(self):
         return f"<nbd.Client {self.url} {self._state}>"
 
-    # Connection set-up.
-
-    # Options.
-
-    # Transmission.
+    # Transmission (receiving replies: _nbd_replies).
 
     def _submit_zero(self, offset, length, punch_hole, fast):
         self._check_writable("zero", offset, length)
@@ -365,20 +379,23 @@ class Client(HandshakeMixin):
                 length,
             )
         handle, operation = self._new_operation()
+        flags = 0 if punch_hole else NBD_CMD_FLAG_NO_HOLE
+        if fast:
+            flags |= NBD_CMD_FLAG_FAST_ZERO
+        self._send_zero(operation, flags, offset, length)
+        return handle
+
+    def _send_zero(self, operation, flags, offset, length):
         if self.can_zero:
-            flags = 0 if punch_hole else NBD_CMD_FLAG_NO_HOLE
-            if fast:
-                flags |= NBD_CMD_FLAG_FAST_ZERO
             self._send_split(
                 operation, NBD_CMD_WRITE_ZEROES, flags, offset, length, MAX_ZERO_LENGTH
             )
-        else:
-            # Without NBD_CMD_WRITE_ZEROES, zeros are written as data.
-            step = min(len(_ZEROS), self.maximum_block_size)
-            for pos in range(0, length, step):
-                size = min(step, length - pos)
-                self._send_request(operation, NBD_CMD_WRITE, 0, offset + pos, size, _ZEROS[:size])
-        return handle
+            return
+        # Without NBD_CMD_WRITE_ZEROES, zeros are written as data.
+        step = min(len(ZEROS), self.maximum_block_size)
+        for pos in range(0, length, step):
+            size = min(step, length - pos)
+            self._send_request(operation, NBD_CMD_WRITE, 0, offset + pos, size, ZEROS[:size])
 
     def _new_operation(self):
         """A handle and the operation that its requests complete."""
@@ -408,195 +425,37 @@ class Client(HandshakeMixin):
         operation.pending += 1
         self._inflight[cookie] = request
         header = REQUEST.pack(NBD_REQUEST_MAGIC, flags, command, cookie, offset, length)
-        if command == NBD_CMD_WRITE:
-            self._send(header, view)
-        else:
+        if command != NBD_CMD_WRITE:
             self._send(header)
+        elif isinstance(view, Client):
+            # A forwarded write: its payload comes from the other client's socket.
+            self._send(header)
+            self._splice_from(view, length)
+        else:
+            self._send(header, view)
         return request
 
-    def _receive_reply(self):
-        """Receive one simple reply or one structured reply chunk."""
-        self._check_ready()
-        header = self._header
-        self._recv_into(header[: SIMPLE_REPLY.size])
-        (magic,) = MAGIC.unpack_from(header)
-        if magic == NBD_STRUCTURED_REPLY_MAGIC:
-            self._recv_into(header[SIMPLE_REPLY.size :])
-            flags, kind, cookie, length = CHUNK.unpack_from(header)[1:]
-            request = self._inflight_request(cookie)
-            self._receive_chunk(request, kind, length)
-            if flags & NBD_REPLY_FLAG_DONE:
-                self._complete(request)
-        elif magic == NBD_SIMPLE_REPLY_MAGIC:
-            error, cookie = SIMPLE_REPLY.unpack_from(header)[1:]
-            request = self._inflight_request(cookie)
-            if error:
-                self._request_failed(request, error, "")
-            elif request.command == NBD_CMD_READ:
-                if self.structured_replies:
-                    raise self._broken(
-                        f"{self.url}: simple reply to a read after structured replies "
-                        f"were negotiated"
-                    )
-                self._recv_into(request.view)
-                request.received = request.length
-            self._complete(request)
-        else:
-            raise self._broken(f"{self.url}: bad reply magic 0x{magic:x}")
+    def _splice_from(self, source, size):
+        """Move size bytes from source's socket into this one through a pipe.
+        A failure on either side leaves both connections out of step."""
+        try:
+            _splice(source._sock, self._sock, self._forward_pipe(), size, self._timeout)
+        except OSError as e:
+            message = f"forwarding data from {source.url} to {self.url} failed: {reason(e)}"
+            source._broken(message)
+            raise self._broken(message) from e
+        except BaseException:
+            source._broken(f"{source.url}: interrupted while forwarding")
+            self._broken(f"{self.url}: interrupted while forwarding")
+            raise
 
-    def _receive_chunk(self, request, kind, length):
-        if kind == NBD_REPLY_TYPE_OFFSET_DATA:
-            self._receive_data(request, length)
-        elif kind == NBD_REPLY_TYPE_OFFSET_HOLE:
-            self._receive_hole(request, length)
-        elif kind == NBD_REPLY_TYPE_BLOCK_STATUS:
-            self._receive_block_status(request, length)
-        elif kind == NBD_REPLY_TYPE_NONE:
-            if length != 0:
-                raise self._broken(f"{self.url}: NBD_REPLY_TYPE_NONE chunk with a payload")
-        elif kind & NBD_REPLY_TYPE_ERROR_BIT:
-            self._receive_error(request, kind, length)
-        else:
-            raise self._broken(f"{self.url}: unknown structured reply type {kind}")
-
-    # A read may be answered by several chunks, in any order, that together
-    # cover the request without overlapping; holes are not sent as data:
-    #
-    #   request    offset                                   offset + length
-    #              |<------------------- length ------------------->|
-    #   chunks     | DATA (2) |      HOLE (1)      |    DATA (3)    | NONE, DONE
-    #
-    # Data goes straight from the socket into the caller's buffer at
-    # (chunk offset - request offset); holes are filled with zeros there.
-
-    def _receive_data(self, request, length):
-        if request.command != NBD_CMD_READ or length <= DATA_OFFSET.size:
-            raise self._broken(
-                f"{self.url}: invalid data chunk of {length} bytes for a "
-                f"{COMMAND_NAMES.get(request.command)} request"
-            )
-        offset_view = self._payload[: DATA_OFFSET.size]
-        self._recv_into(offset_view)
-        (offset,) = DATA_OFFSET.unpack_from(offset_view)
-        size = length - DATA_OFFSET.size
-        start = self._chunk_start(request, offset, size)
-        self._recv_into(request.view[start : start + size])
-        request.received += size
-
-    def _receive_hole(self, request, length):
-        if request.command != NBD_CMD_READ or length != HOLE.size:
-            raise self._broken(f"{self.url}: invalid hole chunk of {length} bytes")
-        self._recv_into(self._payload)
-        offset, size = HOLE.unpack_from(self._payload)
-        start = self._chunk_start(request, offset, size)
-        view = request.view
-        end = start + size
-        while start < end:
-            step = min(len(_ZEROS), end - start)
-            view[start : start + step] = _ZEROS[:step]
-            start += step
-        request.received += size
-
-    def _chunk_start(self, request, offset, size):
-        start = offset - request.offset
-        if size == 0 or start < 0 or start + size > request.length:
-            raise self._broken(
-                f"{self.url}: chunk at offset {offset} length {size} is outside the read "
-                f"at offset {request.offset} length {request.length}"
-            )
-        return start
-
-    # Block status comes as one chunk per metadata context, in any order. Each
-    # chunk lists consecutive extents from the request offset; the list may end
-    # before the requested length, or its last extent may run past it:
-    #
-    #   request     |<------------- length ------------->|
-    #   short       |<- e1 ->|<-- e2 -->|                     ask again from here
-    #   long        |<- e1 ->|<------------- e2 ------------------>|
-    #
-    # A server splitting one context over several chunks continues the list,
-    # so chunks for the same context are appended in arrival order.
-
-    def _receive_block_status(self, request, length):
-        if (
-            request.command != NBD_CMD_BLOCK_STATUS
-            or length < STATUS_CONTEXT.size + EXTENT.size
-            or (length - STATUS_CONTEXT.size) % EXTENT.size
-            or length > _MAX_STATUS_CHUNK
-        ):
-            raise self._broken(f"{self.url}: invalid block status chunk of {length} bytes")
-        payload = self._recv(length)
-        (context_id,) = STATUS_CONTEXT.unpack_from(payload)
-        name = self._context_names.get(context_id)
-        if name is None:
-            raise self._broken(f"{self.url}: block status for unknown context id {context_id}")
-        extents = list(EXTENT.iter_unpack(memoryview(payload)[STATUS_CONTEXT.size :]))
-        if min(extents)[0] == 0:
-            raise self._broken(f"{self.url}: block status with an empty extent")
-        request.extents.setdefault(name, []).extend(extents)
-
-    def _receive_error(self, request, kind, length):
-        if length < ERROR.size or length > _MAX_ERROR_CHUNK:
-            raise self._broken(f"{self.url}: invalid error chunk of {length} bytes")
-        payload = self._recv(length)
-        error, message_length = ERROR.unpack_from(payload)
-        end = ERROR.size + message_length
-        if end > length or error == 0:
-            raise self._broken(f"{self.url}: invalid error chunk")
-        message = bytes(payload[ERROR.size : end]).decode("utf-8", "replace")
-        error_offset = None
-        if kind == NBD_REPLY_TYPE_ERROR_OFFSET:
-            if length - end < ERROR_OFFSET.size:
-                raise self._broken(f"{self.url}: error offset chunk without offset")
-            (error_offset,) = ERROR_OFFSET.unpack_from(payload, end)
-        self._request_failed(request, error, message, error_offset)
-
-    def _request_failed(self, request, error, message, error_offset=None):
-        if request.error is not None:
-            return
-        name, meaning = ERROR_NAMES.get(error, (f"error {error}", "unknown NBD error"))
-        where = f" (error at offset {error_offset})" if error_offset is not None else ""
-        detail = f": {message}" if message else ""
-        command = COMMAND_NAMES.get(request.command, str(request.command))
-        request.error = RequestError(
-            f"{self.url}: {command} at offset {request.offset} length {request.length} "
-            f"failed: {name} ({meaning}){where}{detail}",
-            error,
-            request.offset,
-            request.length,
-            error_offset,
-        )
-        if error == NBD_ESHUTDOWN:
-            self._shutting_down = True
-
-    def _complete(self, request):
-        del self._inflight[request.cookie]
-        request.done = True
-        if (
-            request.error is None
-            and request.command == NBD_CMD_READ
-            and request.received != request.length
-        ):
-            raise self._broken(
-                f"{self.url}: read at offset {request.offset} length {request.length} "
-                f"completed with {request.received} bytes"
-            )
-        operation = request.operation
-        operation.pending -= 1
-        if operation.error is None:
-            operation.error = request.error
-        if operation.flush_after and not operation.pending and operation.error is None:
-            # A flush covers only the writes answered before it was received
-            # (NBD_CMD_FLUSH in the protocol), so it waits for their replies.
-            # The reply just received left room in flight for it.
-            operation.flush_after = False
-            self._send_request(operation, NBD_CMD_FLUSH, 0, 0, 0)
-
-    def _inflight_request(self, cookie):
-        request = self._inflight.get(cookie)
-        if request is None:
-            raise self._broken(f"{self.url}: reply for unknown cookie {cookie}")
-        return request
+    def _forward_pipe(self):
+        if self._pipe is None:
+            self._pipe = os.pipe()
+            # A smaller pipe only means more system calls.
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(self._pipe[1], fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+        return self._pipe
 
     # Checks before sending.
 
@@ -731,6 +590,10 @@ class Client(HandshakeMixin):
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            os.close(pipe[0])
+            os.close(pipe[1])
 
 
 class _Operation:
@@ -758,6 +621,7 @@ class _Request:
         "offset",
         "operation",
         "received",
+        "sink",
         "view",
     )
 
@@ -769,9 +633,51 @@ class _Request:
         self.view = view
         self.operation = operation
         self.received = 0
+        self.sink = None  # (client, operation) that forwarded read data is written to
         self.extents = {}
         self.error = None
         self.done = False
+
+
+def _splice(src, dst, pipe, size, timeout):
+    """Move size bytes from socket src to socket dst through pipe (empty
+    before and after). The sockets are non-blocking (they have timeouts):
+    each waits in poll for at most timeout seconds (None: forever)."""
+    pipe_r, pipe_w = pipe
+    src_fd, dst_fd = src.fileno(), dst.fileno()
+    flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+    wait_ms = None if timeout is None else int(timeout * 1000)
+    left = size  # still in src
+    held = 0  # in the pipe
+    while left or held:
+        moved = False
+        if left and held < _PIPE_SIZE:
+            try:
+                n = os.splice(src_fd, pipe_w, min(left, _PIPE_SIZE - held), flags=flags)
+            except BlockingIOError:
+                n = None
+            if n == 0:
+                raise ConnectionResetError("the source closed the connection")
+            if n:
+                left -= n
+                held += n
+                moved = True
+        if held:
+            try:
+                n = os.splice(pipe_r, dst_fd, held, flags=flags)
+            except BlockingIOError:
+                n = None
+            if n:
+                held -= n
+                moved = True
+        if not moved:
+            poller = select.poll()
+            if left and held < _PIPE_SIZE:
+                poller.register(src_fd, select.POLLIN)
+            if held:
+                poller.register(dst_fd, select.POLLOUT)
+            if not poller.poll(wait_ms):
+                raise socket.timeout(f"timed out after {timeout:g} seconds forwarding data")
 
 
 def _check_meta_context(name):

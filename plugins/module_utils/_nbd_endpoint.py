@@ -114,6 +114,28 @@ class NbdEndpoint:
 
         return finish
 
+    def forwarder(self, dst):
+        """A function copying (offset, length) from this export to the NBD
+        endpoint dst, the data going from socket to socket without entering
+        this process (_nbd.Client.submit_forward); it returns at once a
+        function that waits for the copy. None when dst is no NbdEndpoint or
+        a connection uses TLS."""
+        src = self._client
+        sink = getattr(dst, "_client", None)
+        if not isinstance(dst, NbdEndpoint) or not src.can_forward_to(sink):
+            return None
+
+        def submit(offset, length):
+            handle, sink_handle = src.submit_forward(offset, length, sink, NBD_REQUEST_SIZE)
+
+            def finish():
+                src.wait(handle)
+                sink.wait(sink_handle)
+
+            return finish
+
+        return submit
+
     def write(self, offset, buf):
         client = self._client
         view = memoryview(buf)

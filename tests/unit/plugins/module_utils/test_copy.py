@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -83,7 +84,8 @@ def test_copy_to_new_qcow2(tmp_path, qcow2_image, src_fmt, workers):
     # 1M + 64k + 5M + 4k of data; the rest (holes and allocated zeros) skipped.
     assert stats.data_bytes == 6 * MiB + 64 * 1024 + 4096
     assert stats.zero_bytes == stats.size - stats.data_bytes
-    assert stats.connections == workers
+    # NBD to NBD, the data is forwarded from socket to socket.
+    assert stats.connections == min(workers, _copy.FORWARD_WORKERS)
 
 
 def test_copy_over_existing_data_zeroes_holes(tmp_path, qcow2_image):
@@ -139,9 +141,11 @@ def test_copy_from_nbdkit_sparse_random(tmp_path):
     assert 0 < stats.data_bytes < stats.size
 
 
-def copy_from_nbdkit(tmp_path, plugin_args, size, workers):
+def copy_from_nbdkit(tmp_path, plugin_args, size, workers, forward=True):
     """Copy what nbdkit serves (its log filter on) into a new raw image in
-    8 MiB requests and compare them; the copy's stats and nbdkit's log."""
+    8 MiB requests and compare them; the copy's stats and nbdkit's log. The
+    image is served by qemu-nbd (the data forwarded from socket to socket),
+    or with forward=False written in place (the data read into buffers)."""
     sock = str(tmp_path / "nbdkit.sock")
     log = tmp_path / "nbdkit.log"
     cmd = ["nbdkit", "-f", "-U", sock, "--exit-with-parent", "--filter=log", *plugin_args,
@@ -152,12 +156,18 @@ def copy_from_nbdkit(tmp_path, plugin_args, size, workers):
     with running(cmd, sock):
         src = _nbd_endpoint.NbdEndpoint(url)
         try:
-            with _qemu_nbd.serve(dst_image, fmt="raw", readonly=False) as export:
-                dst = _nbd_endpoint.NbdEndpoint(export.url, is_zero=True)
-                try:
-                    stats = _copy.copy(src, dst, workers=workers, request_size=8 * MiB)
-                finally:
-                    dst.close()
+            with contextlib.ExitStack() as stack:
+                if forward:
+                    export = stack.enter_context(
+                        _qemu_nbd.serve(dst_image, fmt="raw", readonly=False)
+                    )
+                    dst = stack.enter_context(
+                        contextlib.closing(_nbd_endpoint.NbdEndpoint(export.url, is_zero=True))
+                    )
+                else:
+                    dst = stack.enter_context(_image.create_endpoint(dst_image, "raw", size))
+                assert (src.forwarder(dst) is not None) == forward
+                stats = _copy.copy(src, dst, workers=workers, request_size=8 * MiB)
         finally:
             src.close()
         subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", url, dst_image], check=True)
@@ -196,13 +206,15 @@ def test_source_read_error_stops_every_worker(tmp_path):
     assert threading.active_count() == threads_before
 
 
-def test_reads_are_in_flight_together(tmp_path):
+@pytest.mark.parametrize("forward", [True, False])
+def test_reads_are_in_flight_together(tmp_path, forward):
     """A worker keeps its reads in flight together: every piece of a request
-    and the next request's, on one connection. The server takes 100 ms a
-    read, so its log shows reads started before the first one returns."""
+    and the next request's, on one connection, whether the data is forwarded
+    or read into buffers. The server takes 100 ms a read, so its log shows
+    reads started before the first one returns."""
     plugin = ["--filter=delay", "sparse-random", "size=32M", "percent=100", "seed=5",
               "delay-read=100ms"]  # fmt: skip
-    _stats, log = copy_from_nbdkit(tmp_path, plugin, 32 * MiB, workers=1)
+    _stats, log = copy_from_nbdkit(tmp_path, plugin, 32 * MiB, workers=1, forward=forward)
     outstanding = set()
     most = 0
     for line in log.splitlines():

@@ -1054,3 +1054,116 @@ def test_bad_arguments(tmp_path, nbd_servers):
         with pytest.raises(_nbd.RequestError, match="outside the export"):
             client.extents(IMAGE_SIZE, 1)
         assert client.read(IMAGE_SIZE - 4, 4) == bytes(4)
+
+
+# Forwarding: read replies spliced into another server's writes.
+
+
+def forward(src, dst, offset, length, request_size=None):
+    handle, sink_handle = src.submit_forward(offset, length, dst, request_size)
+    src.wait(handle)
+    dst.wait(sink_handle)
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_forward_data_and_holes(tmp_path, nbd_servers, transport):
+    """qemu-nbd answers reads of a sparse qcow2 with data and hole chunks:
+    the data lands as written, the holes as zeros over what was there."""
+    image = create_image(tmp_path / "src.qcow2", "qcow2")
+    qemu_io(image, "qcow2", "write -P 0x11 0 64k", "write -P 0x22 1M 64k", "write -P 0x33 3M 1M")
+    source = nbd_servers.qemu_nbd(image, "qcow2", "--read-only", transport=transport)
+    target = nbd_servers.nbdkit("memory", f"size={IMAGE_SIZE}", transport=transport)
+    with Client(source.url) as src, Client(target.url) as dst:
+        assert src.can_forward_to(dst)
+        dst.write(0, b"\xff" * IMAGE_SIZE)
+        # Unaligned to the requests: pieces of 384 KiB.
+        forward(src, dst, 0, IMAGE_SIZE - 64 * KiB, request_size=384 * KiB)
+        assert dst.read(0, IMAGE_SIZE) == (src.read(0, IMAGE_SIZE - 64 * KiB) + b"\xff" * 64 * KiB)
+        assert dst.read(3 * MiB, 4 * KiB) == b"\x33" * 4 * KiB
+        # Both connections still carry ordinary requests.
+        assert src.read(1 * MiB, 4 * KiB) == b"\x22" * 4 * KiB
+
+
+def test_forward_simple_replies_and_zeros_as_writes(tmp_path, nbd_servers):
+    """A source without structured replies sends each read as one simple
+    reply; a sink without WRITE_ZEROES takes holes as written zeros."""
+    image = create_image(tmp_path / "src.qcow2", "qcow2")
+    qemu_io(image, "qcow2", "write -P 0x44 512k 512k")
+    plain = nbd_servers.nbdkit("memory", "size=2M", options=["--no-sr"])
+    log = tmp_path / "requests.log"
+    sparse = nbd_servers.qemu_nbd(image, "qcow2", "--read-only")
+    target = nbd_servers.nbdkit(
+        "memory", "size=4M", "zeromode=none", f"logfile={log}", filters=["log", "nozero"]
+    )
+    with Client(plain.url) as src, Client(target.url) as dst, Client(sparse.url) as holes:
+        assert not src.structured_replies
+        src.write(0, pattern(5, 2 * MiB))
+        forward(src, dst, 0, 2 * MiB)
+        assert dst.read(0, 2 * MiB) == pattern(5, 2 * MiB)
+        dst.write(2 * MiB, b"\xff" * 2 * MiB)
+        forward(holes, dst, 2 * MiB, 2 * MiB)
+        assert dst.read(2 * MiB, 2 * MiB) == holes.read(2 * MiB, 2 * MiB)
+    assert "Zero" not in log.read_text()
+
+
+def test_forward_source_dies(tmp_path, nbd_servers):
+    """The source server killed while its replies are forwarded: the copy
+    fails with a message naming it, the source connection is dead, nothing
+    hangs."""
+    source = nbd_servers.nbdkit("pattern", "size=64M", "delay-read=200ms", filters=["delay"])
+    target = nbd_servers.nbdkit("memory", "size=64M")
+    with Client(source.url) as src, Client(target.url) as dst:
+        killer = threading.Timer(0.3, source.kill)
+        killer.start()
+        try:
+            # Sending 64 requests already forwards the replies of the first 48.
+            with pytest.raises(_nbd.ProtocolError, match="closed the connection"):
+                forward(src, dst, 0, 64 * MiB, 1 * MiB)
+        finally:
+            killer.join()
+        with pytest.raises(_nbd.ProtocolError, match="connection is dead"):
+            src.read(0, 4 * KiB)
+
+
+def test_splice_stops_at_a_short_payload_or_a_silent_peer():
+    """Data cut short, or not coming at all, ends the move with an error
+    instead of a hang."""
+    pipe = os.pipe()
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    try:
+        for sock in (b, c):
+            sock.settimeout(5)
+        data = pattern(3, 64 * KiB)
+        a.sendall(data + b"y" * 1000)
+        _nbd._splice(b, c, pipe, len(data), 5)
+        d.settimeout(5)
+        received = bytearray()
+        while len(received) < len(data):
+            received += d.recv(len(data))
+        assert received == data
+        a.close()
+        with pytest.raises(ConnectionResetError, match="closed"):
+            _nbd._splice(b, c, pipe, 2000, 5)
+        e, f = socket.socketpair()
+        with e, f:
+            f.settimeout(0.2)
+            with pytest.raises(socket.timeout, match=r"timed out after 0\.2 seconds"):
+                _nbd._splice(f, c, pipe, 10, 0.2)
+    finally:
+        for fd in pipe:
+            os.close(fd)
+        for sock in (a, b, c, d):
+            sock.close()
+
+
+def test_forward_needs_plain_connections(tmp_path, nbd_servers, tls_certs):
+    image = create_image(tmp_path / "disk.raw", "raw")
+    secure = nbd_servers.qemu_nbd(image, "raw", tls_dir=tls_certs.server)
+    plain = nbd_servers.nbdkit("memory", f"size={IMAGE_SIZE}")
+    with Client(secure.url, tls_certs=tls_certs.client) as src, Client(plain.url) as dst:
+        assert not src.can_forward_to(dst)
+        assert not dst.can_forward_to(src)
+        assert not dst.can_forward_to(dst)
+        with pytest.raises(ValueError, match="cannot forward"):
+            src.submit_forward(0, IMAGE_SIZE, dst)
