@@ -33,6 +33,7 @@ from ansible_collections.thinair.ovirt.plugins.module_utils._nbd_wire import (
     NBD_STRUCTURED_REPLY_MAGIC,
     SIMPLE_REPLY,
     STATUS_CONTEXT,
+    ProtocolError,
     RequestError,
 )
 
@@ -127,7 +128,7 @@ class RepliesMixin:
         offset, size = HOLE.unpack_from(self._payload)
         start = self._chunk_start(request, offset, size)
         if request.sink is not None:
-            sink, sink_operation = request.sink
+            sink, sink_operation = self._sink(request)
             sink._send_zero(sink_operation, 0, offset, size)
             request.received += size
             return
@@ -142,8 +143,18 @@ class RepliesMixin:
     def _forward(self, request, offset, size):
         """Send the next size bytes of this socket to the request's sink as
         a write at offset."""
-        sink, sink_operation = request.sink
+        sink, sink_operation = self._sink(request)
         sink._send_request(sink_operation, NBD_CMD_WRITE, 0, offset, size, self)
+
+    def _sink(self, request):
+        """The request's sink and operation, if the sink can still take
+        requests; otherwise the rest of the reply cannot be read in step."""
+        sink = request.sink[0]
+        try:
+            sink._check_ready()
+        except ProtocolError as e:
+            raise self._broken(f"{self.url}: cannot forward the data of a read: {e}") from e
+        return request.sink
 
     def _chunk_start(self, request, offset, size):
         start = offset - request.offset

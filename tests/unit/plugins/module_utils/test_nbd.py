@@ -1157,6 +1157,28 @@ def test_splice_stops_at_a_short_payload_or_a_silent_peer():
             sock.close()
 
 
+def test_forward_to_a_closed_sink(nbd_servers):
+    """Replies still in flight when the sink is gone: the source fails as a
+    broken connection, and closing it raises nothing."""
+    source = nbd_servers.nbdkit("pattern", "size=4M")
+    target = nbd_servers.nbdkit("memory", "size=4M")
+    src = Client(source.url)
+    dst = Client(target.url)
+    handle, _sink_handle = src.submit_forward(0, 4 * MiB, dst, 1 * MiB)
+    dst.close()
+    with pytest.raises(_nbd.ProtocolError, match="cannot forward the data of a read"):
+        src.wait(handle)
+    with pytest.raises(_nbd.ProtocolError, match="connection is dead"):
+        src.read(0, 4 * KiB)
+    src.close()
+    # Closed with the replies still in flight.
+    src = Client(source.url)
+    dst = Client(target.url)
+    src.submit_forward(0, 4 * MiB, dst, 1 * MiB)
+    dst.close()
+    src.close()
+
+
 def test_forward_needs_plain_connections(tmp_path, nbd_servers, tls_certs):
     image = create_image(tmp_path / "disk.raw", "raw")
     secure = nbd_servers.qemu_nbd(image, "raw", tls_dir=tls_certs.server)
