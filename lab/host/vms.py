@@ -38,8 +38,10 @@ log = logging.getLogger("lab.host.vms")
 QEMU = "qemu-system-x86_64"
 # How long a QMP command may take; blockdev-add of a slow NBD server included.
 QMP_TIMEOUT = 30.0
-# How long the guest agent has to answer one ping.
-AGENT_TIMEOUT = 0.2
+# How long the guest agent has to answer one ping. The monitor pings the VMs
+# one after the other, so this bounds a round; a later answer is read at the
+# next ping.
+AGENT_TIMEOUT = 0.05
 AGENT_PORT = "org.qemu.guest_agent.0"
 MIRROR_GRANULARITY = 1024**2
 MIRROR_BUFFER = 64 * 1024**2
