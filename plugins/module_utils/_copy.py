@@ -17,7 +17,7 @@ of at most ``request_size`` bytes.
 Endpoint interface (NbdEndpoint is the model): ``size``, ``is_zero``,
 ``max_connections``, ``max_request``, ``clone()``, ``extents(offset,
 length)``, ``readinto(offset, buf)``, ``write(offset, buf)``, ``zero(offset,
-length)``, ``flush()``, ``close()``. Two optional members let data skip the
+length)``, ``flush()``, ``close()``. Optional members let data skip the
 copy's buffer: a source's ``file_range(offset, length)`` gives ``(fd, file
 offset)`` where a range lies in one piece of a local file (or None), and a
 destination whose ``can_write_from_file`` is true takes it with
@@ -261,13 +261,15 @@ def _forward(forward, dst, items, zero_destination, stats, progress, failed):
             continue
         pending.append((length, forward(offset, length)))
         if len(pending) > READ_AHEAD:
-            length, finish = pending.popleft()
-            finish()
-            _done(stats, progress, length, False)
+            _finish(pending.popleft(), stats, progress)
     while pending:
-        length, finish = pending.popleft()
-        finish()
-        _done(stats, progress, length, False)
+        _finish(pending.popleft(), stats, progress)
+
+
+def _finish(sent, stats, progress):
+    length, wait = sent
+    wait()
+    _done(stats, progress, length, False)
 
 
 def _done(stats, progress, length, zero):

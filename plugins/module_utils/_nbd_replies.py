@@ -102,7 +102,9 @@ class RepliesMixin:
     #   chunks     | DATA (2) |      HOLE (1)      |    DATA (3)    | NONE, DONE
     #
     # Data goes straight from the socket into the caller's buffer at
-    # (chunk offset - request offset); holes are filled with zeros there.
+    # (chunk offset - request offset); holes are filled with zeros there. A
+    # forwarded read (Client.submit_forward) has no buffer: each data chunk
+    # becomes a write at its offset on the sink, each hole a zero request.
 
     def _receive_data(self, request, length):
         if request.command != NBD_CMD_READ or length <= DATA_OFFSET.size:
