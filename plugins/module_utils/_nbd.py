@@ -415,7 +415,9 @@ class Client(HandshakeMixin, RepliesMixin):
             part = view[pos : pos + size] if view is not None else None
             self._send_request(operation, command, flags, offset + pos, size, part)
 
-    def _send_request(self, operation, command, flags, offset, length, view=None):
+    def _send_request(self, operation, command, flags, offset, length, view=None, source=None):
+        """Send one request; a write's payload is view, or the next length
+        bytes of the client source's socket (a forwarded read's data)."""
         while len(self._inflight) >= MAX_IN_FLIGHT:
             self._receive_reply()
         cookie = self._next_cookie
@@ -427,10 +429,9 @@ class Client(HandshakeMixin, RepliesMixin):
         header = REQUEST.pack(NBD_REQUEST_MAGIC, flags, command, cookie, offset, length)
         if command != NBD_CMD_WRITE:
             self._send(header)
-        elif isinstance(view, Client):
-            # A forwarded write: its payload comes from the other client's socket.
+        elif source is not None:
             self._send(header)
-            self._splice_from(view, length)
+            self._splice_from(source, length)
         else:
             self._send(header, view)
         return request

@@ -120,10 +120,9 @@ class NbdEndpoint:
         this process (_nbd.Client.submit_forward); it returns at once a
         function that waits for the copy. None when dst is no NbdEndpoint or
         a connection uses TLS."""
-        src = self._client
-        sink = getattr(dst, "_client", None)
-        if not isinstance(dst, NbdEndpoint) or not src.can_forward_to(sink):
+        if not isinstance(dst, NbdEndpoint) or not self._client.can_forward_to(dst._client):
             return None
+        src, sink = self._client, dst._client
 
         def submit(offset, length):
             handle, sink_handle = src.submit_forward(offset, length, sink, NBD_REQUEST_SIZE)

@@ -146,7 +146,7 @@ class RepliesMixin:
         """Send the next size bytes of this socket to the request's sink as
         a write at offset."""
         sink, sink_operation = self._sink(request)
-        sink._send_request(sink_operation, NBD_CMD_WRITE, 0, offset, size, self)
+        sink._send_request(sink_operation, NBD_CMD_WRITE, 0, offset, size, source=self)
 
     def _sink(self, request):
         """The request's sink and operation, if the sink can still take
