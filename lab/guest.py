@@ -43,8 +43,9 @@ SEQUENCE_FILE = "/seq.log"
 WRITES_PER_SECOND = 4
 LABEL = "thinair-guest"
 
-# Debian's kernel for virtual machines: LZ4-compressed, it boots in about
-# 5 s under TCG where the generic XZ-compressed kernel takes about 8.5 s.
+# Debian's kernel for virtual machines: LZ4-compressed, started with GRUB's
+# linux it booted in about 5 s under TCG where the generic XZ-compressed
+# kernel took about 8.5 s.
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
 PACKAGES = ("busybox-static", "grub-pc-bin", "grub-common")
 # Loaded in dependency order (each module's "depends=" names the others),
@@ -73,7 +74,10 @@ BOOTABLE = 0x80
 # GRUB 2.06 cannot read ext4 with metadata_csum_seed; later e2fsprogs may turn
 # it on by default.
 EXT4_FEATURES = "^metadata_csum_seed"
-GRUB_MODULES = ("biosdisk", "part_msdos", "ext2", "linux", "boot")
+# GRUB starts the kernel with the 16-bit boot protocol (linux16): under TCG
+# the guest prints READY about 3.7 s after qemu starts, about 6 s with the
+# 32-bit one (linux).
+GRUB_MODULES = ("biosdisk", "part_msdos", "ext2", "linux16", "boot")
 KERNEL_ARGS = "console=ttyS0 quiet panic=-1"
 
 DEFAULT_CACHE = os.path.join(
@@ -319,8 +323,8 @@ def _install_grub(root: str, work: str, raw: str) -> None:
     with open(config, "w") as f:
         f.write(
             "set root=(hd0,msdos1)\n"
-            f"linux /boot/vmlinuz {KERNEL_ARGS}\n"
-            "initrd /boot/initrd.img\n"
+            f"linux16 /boot/vmlinuz {KERNEL_ARGS}\n"
+            "initrd16 /boot/initrd.img\n"
             "boot\n"
         )
     core = os.path.join(work, "core.img")
