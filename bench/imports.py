@@ -7,7 +7,7 @@ playbooks/import_vm.yml` takes from its start until the VM runs
 data), with `method: external` (the VM runs from its exports) and `method:
 copy` (the disks are copied first, as on a stock engine), in one run; and a
 whole import (VMs up, disks moved, exports stopped) of four VMs in one run
-against one VM."""
+against one VM, one VM and four in turn, best of the rounds."""
 
 from __future__ import annotations
 
@@ -63,11 +63,14 @@ def import_suite(workdir, rounds):
                 rows["starts"].append(
                     {"size": size, "method": method, "running": running, "total": total}
                 )
-        for count in (1, 4):
-            vms = [vm_spec(f"bench-fleet-{i}", boot, data[SIZES[0]]) for i in range(count)]
-            timed = run_import(hooks, auth, workdir, vms, "external", keep=True)
-            rollback(auth, workdir, vms, force=True)
-            rows["fleet"].append(dict(timed, count=count))
+        fleet = {1: [], 4: []}
+        for _round in range(rounds):
+            for count, times in fleet.items():
+                vms = [vm_spec(f"bench-fleet-{i}", boot, data[SIZES[0]]) for i in range(count)]
+                times.append(run_import(hooks, auth, workdir, vms, "external", keep=True))
+                rollback(auth, workdir, vms, force=True)
+        for count, times in fleet.items():
+            rows["fleet"].append({"count": count, "total": min(t["total"] for t in times)})
     finally:
         lab.stop()
     return rows
