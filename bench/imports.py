@@ -133,9 +133,9 @@ def run_import(hooks, auth, workdir, vms, method, keep, watch=True):
                     running_at.setdefault(vm["name"], time.monotonic())
             time.sleep(0.05)
 
-    watcher = threading.Thread(target=follow)
+    watcher = threading.Thread(target=follow) if watch else None
     start = time.monotonic()
-    if watch:
+    if watcher:
         watcher.start()
     try:
         playbook(
@@ -153,9 +153,9 @@ def run_import(hooks, auth, workdir, vms, method, keep, watch=True):
     finally:
         total = time.monotonic() - start
         done.set()
-        if watch:
+        if watcher:
             watcher.join()
-    if not watch:
+    if not watcher:
         return {"total": total}
     if len(running_at) < len(names):
         raise RuntimeError(f"not every VM was seen running: {sorted(names - set(running_at))}")

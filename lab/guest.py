@@ -128,7 +128,7 @@ done
 
 n=$(tail -n 1 /mnt@SEQ@ 2>/dev/null)
 case "$n" in ''|*[!0-9]*) n=0 ;; esac
-# The shell's own read waits out the pause: no process is started a write.
+# The shell's own read waits out the pause: no process is started for a write.
 mkfifo /pause
 (
     while :; do
