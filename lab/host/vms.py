@@ -43,6 +43,10 @@ QMP_TIMEOUT = 30.0
 # next ping.
 AGENT_TIMEOUT = 0.05
 AGENT_PORT = "org.qemu.guest_agent.0"
+# qemu closes its monitor a moment before it exits once the guest powered
+# off: how long a failed status query waits for that exit before it calls
+# the VM paused.
+EXIT_GRACE = 2.0
 MIRROR_GRANULARITY = 1024**2
 MIRROR_BUFFER = 64 * 1024**2
 
@@ -198,7 +202,12 @@ class Vm:
         try:
             state = self.qmp("query-status")
         except VmError:
-            return DOWN if not self.alive() else PAUSED
+            deadline = time.monotonic() + EXIT_GRACE
+            while self.alive():
+                if time.monotonic() > deadline:
+                    return PAUSED
+                time.sleep(0.05)
+            return DOWN
         if state["running"]:
             return RUNNING
         if state["status"] in ("shutdown", "guest-panicked", "internal-error"):
