@@ -82,7 +82,12 @@ def main():
     )
     parser.add_argument("suite", choices=["copy", "transfer", "vm", "import", "load"])
     parser.add_argument("--dir", default=os.path.join(ROOT, ".cache", "bench"))
-    parser.add_argument("--rounds", type=int, default=2, help="best of N runs of each command")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="best of N runs of each command; N pairs for the whole imports",
+    )
     parser.add_argument(
         "--host-address",
         default="127.0.0.2",
