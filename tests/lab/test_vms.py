@@ -429,6 +429,8 @@ def test_vm_runs_the_guest(lab, con, guest_image):
     service.shutdown()
     assert service.get().status == Status.POWERING_DOWN
     wait_vm(con, vm.id, Status.DOWN, timeout=30)
+    # qemu exits once the guest powered off: never seen paused on the way.
+    assert lab.hooks.states(vm.id)[-2:] == ["powering_down", "down"]
     assert guest.POWERING_OFF in lab.hooks.console(vm.id)
     assert_no_vm_process(lab)
     numbers = sequence(lab, boot.id)
