@@ -97,6 +97,16 @@ class Process:
             return start_time(self.pid) == self.start
         return self.popen.poll() is None
 
+    def wait_exit(self, timeout) -> bool:
+        """Whether the process has exited within timeout seconds."""
+        if self.popen is None:
+            return wait_gone(self.pid, self.start, timeout)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
     def stop(self):
         if self.popen is None:
             if self.alive():
@@ -150,13 +160,20 @@ def terminate_foreign(pid, start):
     """Stop a process that is not our child: SIGTERM, then SIGKILL."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT
+    if not wait_gone(pid, start, STOP_TIMEOUT):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def wait_gone(pid, start, timeout) -> bool:
+    """Whether the process pid, started at start (clock ticks since boot), is
+    gone within timeout seconds."""
+    deadline = time.monotonic() + timeout
     while start_time(pid) == start:
         if time.monotonic() > deadline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            break
+            return False
         time.sleep(0.05)
+    return True
 
 
 def tail(path, lines=20) -> str:

@@ -197,17 +197,13 @@ class Vm:
 
     def status(self) -> str:
         """running, paused (by an I/O error or a stop) or down."""
-        if not self.alive():
+        process = self._process
+        if process is None or not process.alive():
             return DOWN
         try:
             state = self.qmp("query-status")
         except VmError:
-            deadline = time.monotonic() + EXIT_GRACE
-            while self.alive():
-                if time.monotonic() > deadline:
-                    return PAUSED
-                time.sleep(0.05)
-            return DOWN
+            return DOWN if process.wait_exit(EXIT_GRACE) else PAUSED
         if state["running"]:
             return RUNNING
         if state["status"] in ("shutdown", "guest-panicked", "internal-error"):
